@@ -1,0 +1,54 @@
+// The schemas of every C++ op of sgg_kernels, declared once. Kernels live in cpu/<family>.cpp
+// (TORCH_LIBRARY_IMPL(sgg_kernels, CPU, ...)) and cuda/<family>.cu (..., CUDA, ...).
+//
+// These are the *kernels* behind the public ops: the public ops (sgg_kernels::<name>, with
+// autograd and fake kernels) are registered in Python (sgg_kernels/ops/<family>.py) and call these
+// private ones (sgg_kernels::_<name>) when the "cpu" or "cuda" backend is selected. Optional
+// gradient outputs come back undefined (None in Python).
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// An empty Python module: importing sgg_kernels._C loads this library, whose static
+// initializers register the ops below. No pybind11, so the build fits Py_LIMITED_API.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+namespace sgg_kernels {
+
+bool built_with_cuda() {
+#ifdef SGG_KERNELS_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+TORCH_LIBRARY(sgg_kernels, m) {
+  m.def("_built_with_cuda() -> bool", &built_with_cuda);
+
+  // family cluster (SIL, Eq. 1-3, 9); math and backward formulas: sgg_kernels/reference/cluster.py
+  m.def("_knn_index(Tensor points, Tensor centers, int k) -> Tensor");
+  m.def("_gather_mean(Tensor feats, Tensor index) -> Tensor");
+  m.def("_gather_mean_backward(Tensor grad, Tensor index, int M) -> Tensor");
+  m.def("_cosine_assign(Tensor feats, Tensor centers, Tensor? alpha, Tensor? beta) -> (Tensor, Tensor)");
+  m.def(
+      "_cosine_assign_backward(Tensor grad_sim, Tensor feats, Tensor centers, Tensor assign, Tensor sim, "
+      "Tensor? alpha, Tensor? beta) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("_cluster_aggregate(Tensor values, Tensor assign, Tensor sim, Tensor value_centers) -> (Tensor, Tensor)");
+  m.def(
+      "_cluster_aggregate_backward(Tensor grad_out, Tensor values, Tensor assign, Tensor sim, Tensor out, "
+      "Tensor den) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "_superpixel_cluster(Tensor feats, Tensor centers, Tensor values, Tensor value_centers, Tensor? alpha, "
+      "Tensor? beta) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("_cluster_dispatch(Tensor center_out, Tensor assign, Tensor sim, Tensor? residual) -> Tensor");
+  m.def(
+      "_cluster_dispatch_backward(Tensor grad_out, Tensor center_out, Tensor assign, Tensor sim, "
+      "bool has_residual) -> (Tensor, Tensor, Tensor)");
+}
+
+}  // namespace sgg_kernels

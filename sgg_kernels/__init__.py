@@ -1,0 +1,32 @@
+"""sgg_kernels: fused, differentiable PyTorch ops for fine-grained scene graph generation.
+
+    import sgg_kernels as sk
+    centers = sk.grid_centers(H, W, 7)
+    center_feats, knn = sk.knn_center_features(feats, sk.grid_points(H, W), centers, k)
+    out, assign, sim = sk.superpixel_cluster(feats, center_feats)
+
+Every op is a ``torch.library`` op (``torch.ops.sgg_kernels.*``) with autograd and a fake kernel,
+so it works under ``torch.compile(fullgraph=True)``. ``sk.use_backend(...)`` forces a backend;
+``python -m sgg_kernels.info`` says which ones this build has.
+"""
+from ._backend import BACKENDS, checks_enabled, set_checks, use_backend
+from .ops.batch import all_pairs, pack_boxes, pack_pairs
+from .ops.cluster import (
+    cluster_aggregate,
+    cluster_dispatch,
+    cosine_assign,
+    gather_mean,
+    knn_center_features,
+    knn_index,
+    superpixel_cluster,
+)
+from .reference.cluster import grid_centers, grid_points
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS", "use_backend", "set_checks", "checks_enabled",
+    "grid_points", "grid_centers", "knn_index", "knn_center_features", "gather_mean",
+    "cosine_assign", "cluster_aggregate", "superpixel_cluster", "cluster_dispatch",
+    "pack_boxes", "pack_pairs", "all_pairs",
+]

@@ -1,0 +1,210 @@
+"""Backend selection, the compiled extension, and the global switches.
+
+Every op has a *reference* implementation (pure PyTorch) and some compiled ones:
+
+- ``"cpu"``:    C++ kernels in ``sgg_kernels._C`` for CPU tensors;
+- ``"cuda"``:   CUDA C++ kernels in ``sgg_kernels._C`` for CUDA tensors;
+- ``"triton"``: Triton kernels for CUDA tensors (and for CPU tensors under ``TRITON_INTERPRET=1``,
+  which is how the tests check them without a GPU).
+
+By default an op runs the fastest backend it has for the device of its inputs. ``use_backend(name)``
+(a context manager) or the environment variable ``SGG_KERNELS_BACKEND`` force one; forcing a backend
+an op does not have on that device raises an error that lists what it has. The choice is made when
+the op runs (inside the registered op), so it works the same in eager mode and under
+``torch.compile``.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import threading
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterator, Optional
+
+import torch
+
+BACKENDS = ("reference", "cpu", "triton", "cuda")
+ENV_VAR = "SGG_KERNELS_BACKEND"
+
+# ---------------------------------------------------------------------------------------------
+# The compiled extension. A missing or broken build never breaks `import sgg_kernels`.
+# ---------------------------------------------------------------------------------------------
+_C = None
+C_ERROR: Optional[str] = None
+try:
+    _C = importlib.import_module("sgg_kernels._C")  # registers torch.ops.sgg_kernels._* kernels
+except Exception as exc:  # ImportError, or an undefined symbol from a torch mismatch
+    C_ERROR = f"{type(exc).__name__}: {exc}"
+    warnings.warn(
+        "sgg_kernels: the compiled extension sgg_kernels._C could not be loaded "
+        f"({C_ERROR}); the pure-PyTorch reference backend will run instead. "
+        "Rebuild with `pip install --no-build-isolation .`, and see `python -m sgg_kernels.info`.",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+
+
+def c_has_cuda() -> bool:
+    """Whether the compiled extension was built with its CUDA kernels."""
+    return _C is not None and bool(torch.ops.sgg_kernels._built_with_cuda())
+
+
+TRITON_ERROR: Optional[str] = None
+try:
+    import triton  # noqa: F401
+except Exception as exc:
+    triton = None
+    TRITON_ERROR = f"{type(exc).__name__}: {exc}"
+
+
+def triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# ---------------------------------------------------------------------------------------------
+# Switches: forced backend and index-value checks.
+# ---------------------------------------------------------------------------------------------
+_state = threading.local()
+_CHECKS = {"on": True}
+
+
+def _forced() -> Optional[str]:
+    name = getattr(_state, "backend", None)
+    if name is None:
+        name = os.environ.get(ENV_VAR) or None
+    return name
+
+
+def _validate_name(name: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; expected one of {', '.join(BACKENDS)}")
+    return name
+
+
+@contextlib.contextmanager
+def use_backend(name: Optional[str]) -> Iterator[None]:
+    """Force every op called inside the block to run on backend ``name``.
+
+    ``name`` is one of ``"reference"``, ``"cpu"``, ``"triton"``, ``"cuda"``, or ``None`` to restore
+    automatic selection (and ignore ``SGG_KERNELS_BACKEND``). Thread-local; nests.
+    Example::
+
+        with sk.use_backend("reference"):
+            out = sk.cluster_aggregate(values, assign, sim, value_centers)
+    """
+    if name is not None:
+        _validate_name(name)
+    previous = getattr(_state, "backend", None)
+    _state.backend = name if name is not None else ""
+    try:
+        yield
+    finally:
+        _state.backend = previous
+
+
+def set_checks(enabled: bool) -> None:
+    """Turn the checks of index *values* (ranges, same image) on or off. On by default.
+
+    Shape, dtype and device checks always run (they cost nothing). With value checks off, kernels
+    still never read or write out of bounds: an out-of-range index contributes zeros.
+    """
+    _CHECKS["on"] = bool(enabled)
+
+
+def checks_enabled() -> bool:
+    return _CHECKS["on"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-op backend tables.
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Kernels:
+    """The implementations of one function (a forward or a backward) by backend.
+
+    ``reference`` is a Python callable. ``cpu``/``cuda`` name an op of the compiled extension
+    (``torch.ops.sgg_kernels.<name>``), ``triton`` names a function in ``sgg_kernels.triton.<family>``.
+    All take the same arguments in the same order as the reference.
+    """
+
+    family: str
+    reference: Callable
+    cpu: Optional[str] = None
+    cuda: Optional[str] = None
+    triton: Optional[str] = None
+    _cache: Dict[str, Callable] = field(default_factory=dict, repr=False)
+
+    # -- availability ------------------------------------------------------------------------
+    def why_not(self, backend: str, device_type: str) -> Optional[str]:
+        """``None`` if ``backend`` can run on ``device_type``, else a sentence saying why not."""
+        if backend == "reference":
+            return None
+        if backend == "cpu":
+            if self.cpu is None:
+                return "no C++ CPU kernel for this op"
+            if device_type != "cpu":
+                return f"the C++ CPU kernels take CPU tensors, not {device_type}"
+            if _C is None:
+                return f"the compiled extension is not loaded ({C_ERROR})"
+            return None
+        if backend == "cuda":
+            if self.cuda is None:
+                return "no CUDA C++ kernel for this op"
+            if device_type != "cuda":
+                return f"the CUDA C++ kernels take CUDA tensors, not {device_type}"
+            if _C is None:
+                return f"the compiled extension is not loaded ({C_ERROR})"
+            if not c_has_cuda():
+                return "the extension was built without CUDA (CPU torch, or nvcc not found)"
+            return None
+        if backend == "triton":
+            if self.triton is None:
+                return "no Triton kernel for this op"
+            if triton is None:
+                return f"triton is not importable ({TRITON_ERROR})"
+            if device_type == "cpu" and not triton_interpret():
+                return "Triton runs CPU tensors only under TRITON_INTERPRET=1"
+            if device_type not in ("cpu", "cuda"):
+                return f"Triton kernels take CUDA tensors, not {device_type}"
+            return None
+        return f"unknown backend {backend!r}"
+
+    def default(self, device_type: str) -> str:
+        order = ("cuda", "triton", "reference") if device_type == "cuda" else ("cpu", "reference")
+        for name in order:
+            if self.why_not(name, device_type) is None:
+                return name
+        return "reference"
+
+    def select(self, device_type: str) -> str:
+        forced = _forced()
+        if not forced:
+            return self.default(device_type)
+        _validate_name(forced)
+        reason = self.why_not(forced, device_type)
+        if reason is not None:
+            have = [b for b in BACKENDS if self.why_not(b, device_type) is None]
+            raise RuntimeError(
+                f"backend {forced!r} was forced (use_backend / {ENV_VAR}) but cannot run "
+                f"{self.reference.__name__} on {device_type}: {reason}; available here: {', '.join(have)}"
+            )
+        return forced
+
+    def resolve(self, backend: str) -> Callable:
+        fn = self._cache.get(backend)
+        if fn is not None:
+            return fn
+        if backend == "reference":
+            fn = self.reference
+        elif backend in ("cpu", "cuda"):
+            fn = getattr(torch.ops.sgg_kernels, getattr(self, backend))
+        else:
+            module = importlib.import_module(f"sgg_kernels.triton.{self.family}")
+            fn = getattr(module, self.triton)
+        self._cache[backend] = fn
+        return fn
+
+    def __call__(self, device: torch.device, *args):
+        return self.resolve(self.select(device.type))(*args)

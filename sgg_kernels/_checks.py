@@ -1,0 +1,87 @@
+"""Argument checks shared by every op: messages name the argument and what was expected.
+
+Shape, dtype and device checks run in the Python wrappers before any op is dispatched (they are
+free and trace cleanly under ``torch.compile``). Checks of index *values* cost a reduction and a
+device sync; they run inside the registered ops, only while ``set_checks(True)`` (the default).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _describe(x: torch.Tensor) -> str:
+    return f"{str(x.dtype).replace('torch.', '')} tensor of shape {list(x.shape)} on {x.device}"
+
+
+def tensor(x, name: str, dims: str, *, kind: str = "float") -> torch.Tensor:
+    """Check that ``x`` is a tensor with ``len(dims.split(','))`` dims of the given kind.
+
+    ``kind`` is ``"float"`` (float16/bfloat16/float32/float64) or ``"index"`` (int64).
+    ``dims`` is how the docstring writes the shape, e.g. ``"B, M, D"``.
+    """
+    names = [d.strip() for d in dims.split(",")]
+    want = "a floating" if kind == "float" else "an int64"
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be {want} tensor of shape [{dims}], got {type(x).__name__}")
+    if x.dim() != len(names):
+        raise ValueError(f"{name} must have shape [{dims}] ({len(names)} dims), got {_describe(x)}")
+    if kind == "float" and x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a float16/bfloat16/float32/float64 tensor [{dims}], got {_describe(x)}")
+    if kind == "index" and x.dtype != torch.int64:
+        raise TypeError(f"{name} must be an int64 tensor [{dims}], got {_describe(x)}")
+    return x
+
+
+def size(x: torch.Tensor, name: str, dim: int, expected: int, what: str) -> None:
+    """Check ``x.shape[dim] == expected``; ``what`` says where ``expected`` comes from."""
+    if x.shape[dim] != expected:
+        raise ValueError(f"{name} has size {x.shape[dim]} in dim {dim} (shape {list(x.shape)}), expected {expected} ({what})")
+
+
+def same_device(named: Sequence[tuple]) -> None:
+    """All tensors in ``[(name, tensor or None), ...]`` on the first one's device."""
+    first_name, first = named[0]
+    for name, t in named[1:]:
+        if t is not None and t.device != first.device:
+            raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}; move them to one device")
+
+
+def same_float_dtype(named: Sequence[tuple]) -> None:
+    """All floating tensors share a dtype, unless autocast is on (the op then casts them)."""
+    first_name, first = named[0]
+    if torch.is_autocast_enabled(first.device.type):
+        return
+    for name, t in named[1:]:
+        if t is not None and t.dtype != first.dtype:
+            raise TypeError(
+                f"{name} is {t.dtype} but {first_name} is {first.dtype}: pass one dtype, "
+                "or run under torch.autocast, which casts them to float32"
+            )
+
+
+def scalar_param(x: Optional[torch.Tensor], name: str) -> Optional[torch.Tensor]:
+    """A learnable scalar (alpha, beta): ``None`` or a floating tensor with one element."""
+    if x is None:
+        return None
+    if not isinstance(x, torch.Tensor) or x.dtype not in FLOAT_DTYPES or x.numel() != 1:
+        got = _describe(x) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"{name} must be a floating tensor with one element (a learnable scalar), got {got}")
+    return x
+
+
+def index_range(index: torch.Tensor, name: str, upper: int, what: str) -> None:
+    """Value check: every entry of ``index`` in ``[0, upper)``. One reduction and one sync."""
+    if index.numel() == 0:
+        return
+    lo, hi = torch.aminmax(index)
+    lo, hi = int(lo), int(hi)
+    if lo < 0 or hi >= upper:
+        bad = lo if lo < 0 else hi
+        raise IndexError(
+            f"{name} holds {bad}, outside [0, {upper}) ({what}); "
+            "sgg_kernels.set_checks(False) skips this check (out-of-range entries then contribute zeros)"
+        )

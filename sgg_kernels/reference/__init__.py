@@ -1,0 +1,1 @@
+"""Pure-PyTorch oracles, written equation by equation from the papers."""
