@@ -225,15 +225,18 @@ def gather_mean(feats: Tensor, knn_index: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------------------------
 # cosine_assign  (Eq. 2)
 # ---------------------------------------------------------------------------------------------
+# The op returns (sim, assign), float first: torch.library.opcheck sums the outputs into the
+# first one's dtype. The public function returns (assign, sim) like the paper's P^QT, sim.
 @torch.library.custom_op(f"{_LIB}::cosine_assign", mutates_args=())
 def _cosine_assign_op(feats: Tensor, centers: Tensor, alpha: Optional[Tensor], beta: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
-    return _ASSIGN(feats.device, feats, centers, alpha, beta)
+    assign, sim = _ASSIGN(feats.device, feats, centers, alpha, beta)
+    return sim, assign
 
 
 @_cosine_assign_op.register_fake
 def _(feats, centers, alpha, beta):
     B, M, _ = feats.shape
-    return feats.new_empty((B, M), dtype=torch.int64), feats.new_empty((B, M))
+    return feats.new_empty((B, M)), feats.new_empty((B, M), dtype=torch.int64)
 
 
 @torch.library.custom_op(f"{_LIB}::cosine_assign_backward", mutates_args=())
@@ -257,10 +260,11 @@ def _(grad_sim, feats, centers, assign, sim, alpha, beta):
 def _assign_setup(ctx, inputs, output):
     feats, centers, alpha, beta = inputs
     ctx.has_alpha = alpha is not None
-    ctx.save_for_backward(feats, centers, output[0], output[1], alpha, beta)
+    sim, assign = output
+    ctx.save_for_backward(feats, centers, assign, sim, alpha, beta)
 
 
-def _assign_bwd(ctx, grad_assign, grad_sim):
+def _assign_bwd(ctx, grad_sim, grad_assign):
     feats, centers, assign, sim, alpha, beta = ctx.saved_tensors
     gf, gc, ga, gb = _cosine_assign_backward_op(grad_sim, feats, centers, assign, sim, alpha, beta)
     if not ctx.has_alpha:
@@ -308,7 +312,8 @@ def cosine_assign(feats: Tensor, centers: Tensor, alpha: Optional[Tensor] = None
     """
     _check_points_centers(feats, centers, "feats", "centers")
     _check_alpha_beta(alpha, beta, feats)
-    return _cosine_assign_op(feats, centers, alpha, beta)
+    sim, assign = _cosine_assign_op(feats, centers, alpha, beta)
+    return assign, sim
 
 
 # ---------------------------------------------------------------------------------------------

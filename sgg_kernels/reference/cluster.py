@@ -40,6 +40,16 @@ import torch.nn.functional as F
 EPS = 1e-12  # the eps of F.normalize: cos uses max(|x|, EPS) norms
 
 
+def _split_index(index: torch.Tensor, upper: int):
+    """``(valid, safe)``: which entries lie in ``[0, upper)``, and the index with the others set to 0.
+
+    Every use of an invalid entry is masked with ``torch.where`` (not multiplied by 0), so an
+    invalid point contributes exactly nothing even next to inf/NaN values.
+    """
+    valid = (index >= 0) & (index < upper)
+    return valid, torch.where(valid, index, torch.zeros_like(index))
+
+
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """float64 stays float64; everything else accumulates in float32 (DESIGN.md, dtypes)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -87,10 +97,9 @@ def gather_mean(feats: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     B, M, D = feats.shape
     _, C, k = index.shape
     acc = _acc_dtype(feats.dtype)
-    valid = (index >= 0) & (index < M)
-    safe = torch.where(valid, index, torch.zeros_like(index))
+    valid, safe = _split_index(index, M)
     rows = torch.gather(feats.to(acc), 1, safe.reshape(B, C * k, 1).expand(B, C * k, D))
-    rows = rows * valid.reshape(B, C * k, 1)
+    rows = torch.where(valid.reshape(B, C * k, 1), rows, 0)
     return (rows.reshape(B, C, k, D).sum(dim=2) / k).to(feats.dtype)
 
 
@@ -99,10 +108,10 @@ def gather_mean_backward(grad: torch.Tensor, index: torch.Tensor, M: int) -> tor
     B, C, D = grad.shape
     k = index.shape[2]
     acc = _acc_dtype(grad.dtype)
-    valid = (index >= 0) & (index < M)
-    safe = torch.where(valid, index, torch.zeros_like(index)).reshape(B, C * k)
+    valid, safe = _split_index(index, M)
+    safe = safe.reshape(B, C * k)
     src = (grad.to(acc)[:, :, None, :] / k).expand(B, C, k, D).reshape(B, C * k, D)
-    src = src * valid.reshape(B, C * k, 1)
+    src = torch.where(valid.reshape(B, C * k, 1), src, 0)
     out = torch.zeros(B, M, D, dtype=acc, device=grad.device)
     out.scatter_add_(1, safe[:, :, None].expand(B, C * k, D), src)
     return out.to(grad.dtype)
@@ -145,8 +154,7 @@ def cosine_assign_backward(grad_sim, feats, centers, assign, sim, alpha=None, be
     C = centers.shape[1]
     f = feats.to(acc)
     c = centers.to(acc)
-    valid = (assign >= 0) & (assign < C)
-    safe = torch.where(valid, assign, torch.zeros_like(assign))
+    valid, safe = _split_index(assign, C)
     n_raw = f.norm(dim=-1)  # |f_i|
     m_raw = c.norm(dim=-1)  # |c_j|
     n = n_raw.clamp_min(EPS)
@@ -155,7 +163,7 @@ def cosine_assign_backward(grad_sim, feats, centers, assign, sim, alpha=None, be
     c_hat = c / m[..., None]
     c_hat_a = torch.gather(c_hat, 1, safe[..., None].expand(B, M, D))  # c_a / m_a
     cos = (f_hat * c_hat_a).sum(-1)
-    g = grad_sim.to(acc) * valid
+    g = torch.where(valid, grad_sim.to(acc), 0)
     ga = gb = None
     if alpha is None:
         gc_pt = g
@@ -186,11 +194,10 @@ def cluster_aggregate(values, assign, sim, value_centers):
     B, M, D = values.shape
     C = value_centers.shape[1]
     acc = _acc_dtype(values.dtype)
-    valid = (assign >= 0) & (assign < C)
-    safe = torch.where(valid, assign, torch.zeros_like(assign))
-    w = sim.to(acc) * valid  # s_i * 1(P_i = j), invalid points count for nothing
+    valid, safe = _split_index(assign, C)
+    w = torch.where(valid, sim.to(acc), 0)  # s_i * 1(P_i = j); invalid points count for nothing
     num = value_centers.to(acc).clone()
-    num.scatter_add_(1, safe[..., None].expand(B, M, D), w[..., None] * values.to(acc))
+    num.scatter_add_(1, safe[..., None].expand(B, M, D), torch.where(valid[..., None], w[..., None] * values.to(acc), 0))
     den = torch.ones(B, C, dtype=acc, device=values.device)
     den.scatter_add_(1, safe, w)
     return (num / den[..., None]).to(values.dtype), den.to(values.dtype)
@@ -201,10 +208,9 @@ def cluster_aggregate_backward(grad_out, values, assign, sim, out, den):
     B, M, D = values.shape
     C = out.shape[1]
     acc = _acc_dtype(values.dtype)
-    valid = (assign >= 0) & (assign < C)
-    safe = torch.where(valid, assign, torch.zeros_like(assign))
+    valid, safe = _split_index(assign, C)
     g_over_den = grad_out.to(acc) / den.to(acc)[..., None]  # G_j / den_j
-    rows = torch.gather(g_over_den, 1, safe[..., None].expand(B, M, D)) * valid[..., None]
+    rows = torch.where(valid[..., None], torch.gather(g_over_den, 1, safe[..., None].expand(B, M, D)), 0)
     out_rows = torch.gather(out.to(acc), 1, safe[..., None].expand(B, M, D))
     grad_values = sim.to(acc)[..., None] * rows
     grad_sim = (rows * (values.to(acc) - out_rows)).sum(-1)
@@ -223,10 +229,9 @@ def cluster_dispatch(center_out, assign, sim, residual=None):
     B, C, D = center_out.shape
     M = assign.shape[1]
     acc = _acc_dtype(center_out.dtype)
-    valid = (assign >= 0) & (assign < C)
-    safe = torch.where(valid, assign, torch.zeros_like(assign))
+    valid, safe = _split_index(assign, C)
     rows = torch.gather(center_out.to(acc), 1, safe[..., None].expand(B, M, D))
-    out = (sim.to(acc) * valid)[..., None] * rows
+    out = torch.where(valid[..., None], sim.to(acc)[..., None] * rows, 0)
     if residual is not None:
         out = out + residual.to(acc)
     return out.to(center_out.dtype)
@@ -237,13 +242,11 @@ def cluster_dispatch_backward(grad_out, center_out, assign, sim, has_residual: b
     B, C, D = center_out.shape
     M = assign.shape[1]
     acc = _acc_dtype(center_out.dtype)
-    valid = (assign >= 0) & (assign < C)
-    safe = torch.where(valid, assign, torch.zeros_like(assign))
+    valid, safe = _split_index(assign, C)
     g = grad_out.to(acc)
     rows = torch.gather(center_out.to(acc), 1, safe[..., None].expand(B, M, D))
-    grad_sim = (g * rows).sum(-1) * valid
-    w = sim.to(acc) * valid
+    grad_sim = torch.where(valid, (g * rows).sum(-1), 0)
     grad_center = torch.zeros(B, C, D, dtype=acc, device=g.device)
-    grad_center.scatter_add_(1, safe[..., None].expand(B, M, D), w[..., None] * g)
+    grad_center.scatter_add_(1, safe[..., None].expand(B, M, D), torch.where(valid[..., None], sim.to(acc)[..., None] * g, 0))
     grad_residual = grad_out.clone() if has_residual else None
     return grad_center.to(center_out.dtype), grad_sim.to(sim.dtype), grad_residual

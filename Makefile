@@ -1,0 +1,33 @@
+# Quick start on a fresh machine (README.md):
+#   make bench   set up .venv, build the extension, run sgg-bench on this machine's device
+#   make test    set up .venv, build the extension, run the test suite
+PYTHON ?= python3
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+SOURCES = $(wildcard csrc/*.cpp csrc/cpu/*.cpp csrc/cuda/*.cu) setup.py pyproject.toml
+
+.PHONY: setup build test bench cuda-check clean
+
+setup: $(VENV)/.deps
+$(VENV)/.deps: requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -r requirements-dev.txt
+	touch $@
+
+build: $(VENV)/.built
+$(VENV)/.built: $(VENV)/.deps $(SOURCES)
+	$(BIN)/pip install -q --no-build-isolation -e .
+	touch $@
+
+test: build
+	$(BIN)/python -m pytest tests -q
+
+bench: build
+	$(BIN)/sgg-bench
+
+# Compile-check every CUDA source with nvcc (no GPU needed; CI runs this).
+cuda-check: setup
+	PATH="$(abspath $(BIN)):$$PATH" bash .ci/check_cuda.sh
+
+clean:
+	rm -rf build *.egg-info sgg_kernels/*.so $(VENV)/.built

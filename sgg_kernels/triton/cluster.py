@@ -1,0 +1,368 @@
+"""Triton backend of the superpixel clustering family (SIL, MM'23, Eq. 2, 3, 9).
+
+Same functions, signatures, outputs and output dtypes as :mod:`sgg_kernels.reference.cluster`
+(the spec; its module docstring derives every backward formula). The ``@triton.jit`` code is in
+:mod:`sgg_kernels.triton._cluster_kernels`; these are the plain-Python launchers that the op
+layer (:mod:`sgg_kernels.ops.cluster`) calls inside its ``torch.library`` custom ops.
+
+Design (``[B, M, D]`` points, ``C`` centers; a *tile* is ``BLOCK_M`` points, a *chunk* a run of
+tiles owned by one program):
+
+=============================  ===========================================  ========  ===========================
+function                       kernels (grid)                               launches  scratch (ACC dtype)
+=============================  ===========================================  ========  ===========================
+cosine_assign                  assign (B * tiles)                           1         none
+cluster_aggregate              partial (B * chunks) + finish (B, C/BC, D/BD) 2        [B, chunks, C, D + 1]
+superpixel_cluster             assign+partial (B * chunks) + finish          2        [B, chunks, C, Dv + 1]
+cosine_assign_backward         point+partial (B * chunks) + finish + torch   2 (+5)   [B, chunks, C, D + 3] + 2 [B, M]
+cluster_aggregate_backward     per point (B * tiles); grad vc in torch       1 (+1)   none
+cluster_dispatch               per point (B * tiles, D/BD)                   1         none
+cluster_dispatch_backward      point+partial (B * chunks) + finish           2 (+copy) [B, chunks, C, D]
+=============================  ===========================================  ========  ===========================
+
+Cluster sums are deterministic: each program sums its chunk with ``tl.dot(W^T, V)`` on one-hot
+weights, writes a ``[C, D]`` partial, and the finish kernel adds the chunks in a fixed order; the
+chunking depends on the shapes only (it targets 2 waves of an H100's 132 SMs, not the device
+present), so results are bitwise reproducible. Scalar grads (alpha, beta) are per-program
+partials summed by torch. Empty inputs (B = 0 or M = 0) return without a launch.
+
+Tuning knobs are module globals (``_BLOCK_M``, ``_MAX_BLOCK_C``, ...) so tests can shrink the
+blocks to exercise multi-block paths in the interpreter.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ._cluster_kernels import (
+    EPS,
+    _cluster_aggregate_backward_kernel,
+    _cluster_dispatch_backward_kernel,
+    _cluster_dispatch_kernel,
+    _cluster_finish_kernel,
+    _cluster_partial_kernel,
+    _cosine_assign_backward_kernel,
+    _cosine_assign_kernel,
+    _superpixel_kernel,
+)
+
+# ---------------------------------------------------------------------------------------------
+# Configuration. One fixed config (the interpreter cannot autotune); chosen for an H100 at the
+# paper's sizes ([16, 6144, 64], C = 49; [32, 24576, 64], C = 81): one center block, one D block.
+# ---------------------------------------------------------------------------------------------
+_BLOCK_M = 128  # points per tile (fp16/bf16/fp32)
+_BLOCK_M_FP64 = 64  # fp64 tiles are twice the bytes
+_MAX_BLOCK_C = 128  # C <= 128 fits one center block
+_MAX_BLOCK_D = 64
+_MAX_BLOCK_D_FP64 = 32
+_TARGET_PROGRAMS = 2 * 132  # two waves of an H100's 132 SMs; fixed so chunking depends on shapes only
+_MIN_TILES_PER_CHUNK = 2  # a chunk's [C, D] partial should cost less than reading its points
+_NUM_STAGES = 2
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _acc(*dtypes: torch.dtype) -> Tuple[tl.dtype, torch.dtype]:
+    """Accumulation dtype: float64 if any input is float64, else float32 (reference ``_acc_dtype``)."""
+    if torch.float64 in dtypes:
+        return tl.float64, torch.float64
+    return tl.float32, torch.float32
+
+
+def _pow2(n: int, cap: int) -> int:
+    """A block size for extent n: a power of two in [16, cap] (tl.dot needs every dim >= 16)."""
+    return max(16, min(triton.next_power_of_2(max(int(n), 1)), cap))
+
+
+def _block_m(acc: torch.dtype) -> int:
+    return _BLOCK_M_FP64 if acc == torch.float64 else _BLOCK_M
+
+
+def _block_d(D: int, acc: torch.dtype) -> int:
+    return _pow2(D, _MAX_BLOCK_D_FP64 if acc == torch.float64 else _MAX_BLOCK_D)
+
+
+def _num_warps(block_c: int) -> int:
+    return 8 if block_c >= 128 else 4
+
+
+def _chunking(B: int, M: int, block_m: int) -> Tuple[int, int]:
+    """(n_chunks, tiles_per_chunk): B * n_chunks programs fill ~_TARGET_PROGRAMS, each chunk at
+    least _MIN_TILES_PER_CHUNK tiles; a function of the shapes alone (determinism)."""
+    n_tiles = triton.cdiv(M, block_m)
+    want = max(1, triton.cdiv(_TARGET_PROGRAMS, max(B, 1)))
+    per_chunk = max(_MIN_TILES_PER_CHUNK, triton.cdiv(n_tiles, want))
+    return triton.cdiv(n_tiles, per_chunk), per_chunk
+
+
+def _half_dot(*dtypes: torch.dtype) -> bool:
+    """Whether a tl.dot may run on fp16/bf16 operands (exact products, fp32 accumulation): only
+    on a GPU (bf16 dots are wrong in the interpreter) and when every operand has that dtype."""
+    return (not _interpret()) and dtypes[0] in (torch.float16, torch.bfloat16) and all(d == dtypes[0] for d in dtypes)
+
+
+def _check_alpha_beta(alpha: Optional[Tensor], beta: Optional[Tensor]) -> bool:
+    if (alpha is None) != (beta is None):
+        raise ValueError("alpha and beta come together: give both (sigmoid(beta + alpha*cos)) or neither")
+    return alpha is not None
+
+
+def _scalar_grads(ab_part: Tensor, alpha: Optional[Tensor], beta: Optional[Tensor]):
+    """alpha/beta grads from the per-program partials ``[..., 2]`` (a fixed-shape torch sum:
+    deterministic), in each scalar's own dtype and shape."""
+    if alpha is None:
+        return None, None
+    total = ab_part.reshape(-1, 2).sum(dim=0)
+    # copy=True: two views of `total` would alias each other, which custom ops forbid
+    return (total[0].reshape(alpha.shape).to(alpha.dtype, copy=True),
+            total[1].reshape(beta.shape).to(beta.dtype, copy=True))
+
+
+def _finish(part: Tensor, part_w: Optional[Tensor], value_centers: Optional[Tensor], out: Tensor,
+            den: Optional[Tensor], acc_tl, *, add_center: bool, divide: bool, store_w: bool) -> None:
+    """Launch :func:`_cluster_finish_kernel`: sum ``part [B, n_chunks, C, D]`` over chunks into ``out``."""
+    B, C, D = out.shape
+    n_chunks = part.shape[1]
+    block_c = _pow2(C, _MAX_BLOCK_C)
+    block_d = _pow2(D, _MAX_BLOCK_D_FP64 if acc_tl == tl.float64 else _MAX_BLOCK_D)
+    vc = value_centers if value_centers is not None else out
+    grid = (B, triton.cdiv(C, block_c), max(1, triton.cdiv(D, block_d)))
+    _cluster_finish_kernel[grid](
+        part, part_w if part_w is not None else part, vc, out, den if den is not None else out,
+        n_chunks, C, D, *vc.stride(),
+        ACC=acc_tl, ADD_CENTER=add_center, DIVIDE=divide, STORE_W=store_w,
+        BLOCK_C=block_c, BLOCK_D=block_d, num_warps=4,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Eq. 2
+# ---------------------------------------------------------------------------------------------
+def cosine_assign(feats: Tensor, centers: Tensor, alpha: Optional[Tensor] = None, beta: Optional[Tensor] = None):
+    """Eq. 2: ``(assign [B, M] int64, sim [B, M] feats dtype)``, argmax over centers, ties to the
+    lower index. One launch; never more than a ``BLOCK_M x BLOCK_C`` tile of the similarity."""
+    sigmoid = _check_alpha_beta(alpha, beta)
+    B, M, D = feats.shape
+    C = centers.shape[1]
+    assign = torch.empty((B, M), dtype=torch.int64, device=feats.device)
+    sim = torch.empty((B, M), dtype=feats.dtype, device=feats.device)
+    if B == 0 or M == 0:
+        return assign, sim
+    if C == 0:
+        raise ValueError("cosine_assign needs at least one center (C >= 1)")
+    acc_tl, acc = _acc(feats.dtype, centers.dtype)
+    block_m, block_c, block_d = _block_m(acc), _pow2(C, _MAX_BLOCK_C), _block_d(D, acc)
+    grid = (B * triton.cdiv(M, block_m),)
+    _cosine_assign_kernel[grid](
+        feats, centers, alpha if sigmoid else feats, beta if sigmoid else feats, assign, sim,
+        M, C, D, *feats.stride(), *centers.stride(),
+        ACC=acc_tl, SIGMOID=sigmoid, DOT_NATIVE=_half_dot(feats.dtype, centers.dtype),
+        BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_D=block_d,
+        num_warps=_num_warps(block_c), num_stages=_NUM_STAGES,
+    )
+    return assign, sim
+
+
+def cosine_assign_backward(grad_sim: Tensor, feats: Tensor, centers: Tensor, assign: Tensor, sim: Tensor,
+                           alpha: Optional[Tensor] = None, beta: Optional[Tensor] = None):
+    """Gradients of Eq. 2's ``sim`` w.r.t. (feats, centers, alpha, beta); ``(None, None)`` for
+    alpha/beta when absent. Formulas: the reference module docstring.
+
+    One launch does the per-point grads (grad feats, alpha/beta partials) and the chunk partials
+    of S_j = sum_{a_i=j} gc_i f_i / n_i and T_j = sum_{a_i=j} gc_i cos_i; the finish kernel sums
+    the chunks; grad c_j = (S_j - [|c_j| >= eps] T_j c_j / m_j) / m_j is per-center torch.
+    """
+    sigmoid = _check_alpha_beta(alpha, beta)
+    B, M, D = feats.shape
+    C = centers.shape[1]
+    acc_tl, acc = _acc(feats.dtype, centers.dtype)
+    grad_feats = torch.empty((B, M, D), dtype=feats.dtype, device=feats.device)
+    if B == 0 or M == 0 or C == 0:
+        zero = torch.zeros((1, 2), dtype=acc, device=feats.device)
+        ga, gb = _scalar_grads(zero, alpha, beta)
+        return grad_feats, torch.zeros_like(centers, memory_format=torch.contiguous_format), ga, gb
+    block_m, block_c, block_d = _block_m(acc), _pow2(C, _MAX_BLOCK_C), _block_d(D, acc)
+    n_chunks, per_chunk = _chunking(B, M, block_m)
+    dev = feats.device
+    w = torch.empty((B, M), dtype=acc, device=dev)  # gc_i / n_i
+    t = torch.empty((B, M), dtype=acc, device=dev)  # gc_i cos_i
+    ab_part = torch.empty((B, n_chunks, 2), dtype=acc, device=dev)
+    part = torch.empty((B, n_chunks, C, D), dtype=acc, device=dev)
+    part_w = torch.empty((B, n_chunks, C), dtype=acc, device=dev)
+    _cosine_assign_backward_kernel[(B * n_chunks,)](
+        grad_sim, feats, centers, assign, alpha if sigmoid else feats, beta if sigmoid else feats,
+        grad_feats, w, t, ab_part, part, part_w,
+        M, C, D, max(1, triton.cdiv(D, block_d)), n_chunks, per_chunk,
+        *grad_sim.stride(), *feats.stride(), *centers.stride(), *assign.stride(),
+        ACC=acc_tl, SIGMOID=sigmoid, BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_D=block_d,
+        num_warps=_num_warps(block_c), num_stages=_NUM_STAGES,
+    )
+    S = torch.empty((B, C, D), dtype=acc, device=dev)
+    T = torch.empty((B, C), dtype=acc, device=dev)
+    _finish(part, part_w, None, S, T, acc_tl, add_center=False, divide=False, store_w=True)
+    # grad c_j = 1/m_j (S_j - [|c_j| >= eps] T_j c_j / m_j): tiny per-center work, [B, C, D].
+    c = centers.to(acc)
+    m_raw = torch.linalg.vector_norm(c, dim=-1)
+    m = m_raw.clamp_min(EPS)
+    T = T * (m_raw >= EPS).to(acc)
+    grad_centers = (S - T[..., None] * (c / m[..., None])) / m[..., None]
+    ga, gb = _scalar_grads(ab_part, alpha, beta)
+    return grad_feats, grad_centers.to(centers.dtype), ga, gb
+
+
+# ---------------------------------------------------------------------------------------------
+# Eq. 3
+# ---------------------------------------------------------------------------------------------
+def _aggregate_empty(values: Tensor, value_centers: Tensor):
+    """M = 0: no point joins any cluster, out_j = vc_j / 1, den_j = 1."""
+    B, C, D = value_centers.shape
+    out = torch.empty((B, C, D), dtype=values.dtype, device=values.device)
+    out.copy_(value_centers)
+    den = torch.ones((B, C), dtype=values.dtype, device=values.device)
+    return out, den
+
+
+def cluster_aggregate(values: Tensor, assign: Tensor, sim: Tensor, value_centers: Tensor):
+    """Eq. 3 before H': ``out_j = (vc_j + sum_{a_i=j} s_i v_i) / (1 + sum_{a_i=j} s_i)``;
+    returns ``(out [B, C, D], den [B, C])`` in the values dtype. Two launches, deterministic."""
+    B, M, D = values.shape
+    C = value_centers.shape[1]
+    if B == 0 or M == 0 or C == 0:
+        return _aggregate_empty(values, value_centers)
+    acc_tl, acc = _acc(values.dtype, value_centers.dtype)
+    block_m, block_c, block_d = _block_m(acc), _pow2(C, _MAX_BLOCK_C), _block_d(D, acc)
+    n_chunks, per_chunk = _chunking(B, M, block_m)
+    part = torch.empty((B, n_chunks, C, D), dtype=acc, device=values.device)
+    part_w = torch.empty((B, n_chunks, C), dtype=acc, device=values.device)
+    _cluster_partial_kernel[(B * n_chunks,)](
+        values, assign, sim, part, part_w,
+        M, C, D, max(1, triton.cdiv(D, block_d)), n_chunks, per_chunk,
+        *values.stride(), *assign.stride(), *sim.stride(),
+        ACC=acc_tl, W_NATIVE=_half_dot(values.dtype, sim.dtype),
+        BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_D=block_d,
+        num_warps=_num_warps(block_c), num_stages=_NUM_STAGES,
+    )
+    out = torch.empty((B, C, D), dtype=values.dtype, device=values.device)
+    den = torch.empty((B, C), dtype=values.dtype, device=values.device)
+    _finish(part, part_w, value_centers, out, den, acc_tl, add_center=True, divide=True, store_w=False)
+    return out, den
+
+
+def cluster_aggregate_backward(grad_out: Tensor, values: Tensor, assign: Tensor, sim: Tensor, out: Tensor, den: Tensor):
+    """Gradients of :func:`cluster_aggregate` w.r.t. (values, sim, value_centers):
+    grad v_i = s_i G_a / den_a, grad s_i = G_a . (v_i - out_a) / den_a (one per-point launch, no
+    races), grad vc_j = G_j / den_j (per-center torch)."""
+    B, M, D = values.shape
+    C = out.shape[1]
+    acc_tl, acc = _acc(values.dtype, out.dtype)
+    grad_vc = (grad_out.to(acc) / den.to(acc)[..., None]).to(out.dtype)
+    grad_values = torch.empty((B, M, D), dtype=values.dtype, device=values.device)
+    grad_sim = torch.empty((B, M), dtype=sim.dtype, device=values.device)
+    if B == 0 or M == 0:
+        return grad_values, grad_sim, grad_vc
+    block_m, block_d = _block_m(acc), _block_d(D, acc)
+    _cluster_aggregate_backward_kernel[(B * triton.cdiv(M, block_m),)](
+        grad_out, values, assign, sim, out, den, grad_values, grad_sim,
+        M, C, D,
+        *grad_out.stride(), *values.stride(), *assign.stride(), *sim.stride(), *out.stride(), *den.stride(),
+        ACC=acc_tl, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=4, num_stages=_NUM_STAGES,
+    )
+    return grad_values, grad_sim, grad_vc
+
+
+# ---------------------------------------------------------------------------------------------
+# Eq. 2 + Eq. 3 fused
+# ---------------------------------------------------------------------------------------------
+def superpixel_cluster(feats: Tensor, centers: Tensor, values: Tensor, value_centers: Tensor,
+                       alpha: Optional[Tensor] = None, beta: Optional[Tensor] = None):
+    """Eq. 2 + Eq. 3: ``(out [B, C, Dv], den [B, C], assign [B, M], sim [B, M])``, equal to
+    :func:`cosine_assign` then :func:`cluster_aggregate`. One launch over the points (assign,
+    then the chunk's partial cluster sums) plus the small finish kernel."""
+    sigmoid = _check_alpha_beta(alpha, beta)
+    B, M, D = feats.shape
+    C = centers.shape[1]
+    DV = values.shape[2]
+    dev = feats.device
+    assign = torch.empty((B, M), dtype=torch.int64, device=dev)
+    sim = torch.empty((B, M), dtype=feats.dtype, device=dev)
+    if B == 0 or M == 0:
+        return (*_aggregate_empty(values, value_centers), assign, sim)
+    if C == 0:
+        raise ValueError("superpixel_cluster needs at least one center (C >= 1)")
+    acc_tl, acc = _acc(feats.dtype, centers.dtype, values.dtype, value_centers.dtype)
+    block_m, block_c = _block_m(acc), _pow2(C, _MAX_BLOCK_C)
+    block_d, block_dv = _block_d(D, acc), _block_d(DV, acc)
+    n_chunks, per_chunk = _chunking(B, M, block_m)
+    part = torch.empty((B, n_chunks, C, DV), dtype=acc, device=dev)
+    part_w = torch.empty((B, n_chunks, C), dtype=acc, device=dev)
+    _superpixel_kernel[(B * n_chunks,)](
+        feats, centers, values, alpha if sigmoid else feats, beta if sigmoid else feats, assign, sim, part, part_w,
+        M, C, D, DV, max(1, triton.cdiv(DV, block_dv)), n_chunks, per_chunk,
+        *feats.stride(), *centers.stride(), *values.stride(),
+        ACC=acc_tl, SIGMOID=sigmoid, DOT_NATIVE=_half_dot(feats.dtype, centers.dtype),
+        W_NATIVE=_half_dot(values.dtype, sim.dtype),
+        BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_D=block_d, BLOCK_DV=block_dv,
+        num_warps=_num_warps(block_c), num_stages=_NUM_STAGES,
+    )
+    out = torch.empty((B, C, DV), dtype=values.dtype, device=dev)
+    den = torch.empty((B, C), dtype=values.dtype, device=dev)
+    _finish(part, part_w, value_centers, out, den, acc_tl, add_center=True, divide=True, store_w=False)
+    return out, den, assign, sim
+
+
+# ---------------------------------------------------------------------------------------------
+# Eq. 9
+# ---------------------------------------------------------------------------------------------
+def cluster_dispatch(center_out: Tensor, assign: Tensor, sim: Tensor, residual: Optional[Tensor] = None):
+    """Eq. 9: ``out_i = residual_i + sim_i * center_out[assign_i]``, ``[B, M, D]``. One launch."""
+    B, C, D = center_out.shape
+    M = assign.shape[1]
+    out = torch.empty((B, M, D), dtype=center_out.dtype, device=center_out.device)
+    if out.numel() == 0:
+        return out
+    acc_tl, acc = _acc(center_out.dtype)
+    block_m, block_d = _block_m(acc), _block_d(D, acc)
+    has_res = residual is not None
+    r = residual if has_res else center_out
+    _cluster_dispatch_kernel[(B * triton.cdiv(M, block_m), triton.cdiv(D, block_d))](
+        center_out, assign, sim, r, out,
+        M, C, D,
+        *center_out.stride(), *assign.stride(), *sim.stride(), *(r.stride() if has_res else (0, 0, 0)),
+        ACC=acc_tl, HAS_RESIDUAL=has_res, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=4,
+    )
+    return out
+
+
+def cluster_dispatch_backward(grad_out: Tensor, center_out: Tensor, assign: Tensor, sim: Tensor, has_residual: bool):
+    """Gradients of :func:`cluster_dispatch` w.r.t. (center_out, sim, residual or None):
+    grad s_i = G_i . center_out_a (per point), grad center_out_j = sum_{a_i=j} s_i G_i
+    (deterministic cluster sum: one launch over chunks + finish), grad r = G (a copy)."""
+    B, C, D = center_out.shape
+    M = assign.shape[1]
+    dev = center_out.device
+    grad_residual = grad_out.clone() if has_residual else None
+    grad_sim = torch.empty((B, M), dtype=sim.dtype, device=dev)
+    if B == 0 or M == 0 or C == 0:
+        return torch.zeros((B, C, D), dtype=center_out.dtype, device=dev), grad_sim, grad_residual
+    acc_tl, acc = _acc(center_out.dtype, grad_out.dtype)
+    block_m, block_c, block_d = _block_m(acc), _pow2(C, _MAX_BLOCK_C), _block_d(D, acc)
+    n_chunks, per_chunk = _chunking(B, M, block_m)
+    part = torch.empty((B, n_chunks, C, D), dtype=acc, device=dev)
+    _cluster_dispatch_backward_kernel[(B * n_chunks,)](
+        grad_out, center_out, assign, sim, grad_sim, part,
+        M, C, D, max(1, triton.cdiv(D, block_d)), n_chunks, per_chunk,
+        *grad_out.stride(), *center_out.stride(), *assign.stride(), *sim.stride(),
+        ACC=acc_tl, W_NATIVE=_half_dot(grad_out.dtype, sim.dtype),
+        BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_D=block_d,
+        num_warps=_num_warps(block_c), num_stages=_NUM_STAGES,
+    )
+    grad_center = torch.empty((B, C, D), dtype=center_out.dtype, device=dev)
+    _finish(part, None, None, grad_center, None, acc_tl, add_center=False, divide=False, store_w=False)
+    return grad_center, grad_sim, grad_residual

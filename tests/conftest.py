@@ -1,0 +1,33 @@
+"""Test setup: Triton kernels run on the CPU under the interpreter when no GPU is present.
+
+TRITON_INTERPRET must be set before any Triton kernel module is imported, hence here, before
+sgg_kernels is imported by any test module.
+"""
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import sgg_kernels as sk  # noqa: E402  (after TRITON_INTERPRET)
+from sgg_kernels import _backend  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _clean_switches(monkeypatch):
+    """Every test starts with automatic backend choice and index checks on."""
+    monkeypatch.delenv(_backend.ENV_VAR, raising=False)
+    sk.set_checks(True)
+    yield
+    sk.set_checks(True)
+
+
+def pytest_report_header(config):
+    return [
+        f"sgg_kernels: extension {'loaded' if _backend._C is not None else 'MISSING: ' + str(_backend.C_ERROR)}, "
+        f"CUDA kernels {'built' if _backend.c_has_cuda() else 'not built'}, "
+        f"GPU {'present' if HAS_CUDA else 'absent (CUDA tests skip; Triton runs under TRITON_INTERPRET=1)'}"
+    ]

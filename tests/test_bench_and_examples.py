@@ -1,0 +1,37 @@
+"""The benchmark command and the example scripts run end to end (tiny sizes; no timing asserted)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(args, **kw):
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=600, **kw)
+
+
+def test_sgg_bench_writes_results_json(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = _run(["-m", "sgg_kernels.bench", "--device", "cpu", "--size", "small", "--ops", "cluster_aggregate,cluster_dispatch",
+                 "--no-compile", "--min-time", "0.01", "--no-progress", "--out", str(out)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    for key in ("device", "torch", "triton", "command", "date", "results"):
+        assert key in data, key
+    rows = data["results"]
+    assert {(r["op"], r["pass"], r["impl"]) for r in rows} == {
+        (op, p, impl) for op in ("cluster_aggregate", "cluster_dispatch") for p in ("fwd", "fwd+bwd") for impl in ("fused", "eager")
+    }
+    for r in rows:
+        assert r["size"] == "small" and not r.get("error"), r
+        assert r["median_ms"] > 0 and r["peak_mem_mb"] >= 0
+    assert "cluster_aggregate" in proc.stdout and "median" in proc.stdout.lower()
+
+
+def test_superpixel_example_runs():
+    proc = _run(["python/superpixel_clustering.py", "--size", "14x21", "--dim", "32"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "output [2, 32, 14, 21]" in proc.stdout
