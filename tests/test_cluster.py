@@ -151,10 +151,14 @@ def test_gather_mean(backend, device, dtype, index_batch):
 # ---------------------------------------------------------------------------------------------
 # cosine_assign (Eq. 2)
 # ---------------------------------------------------------------------------------------------
-def _check_cosine_assign(backend, device, B, M, C, D, dtype, sigmoid, strided, seed=4):
+def _check_cosine_assign(backend, device, B, M, C, D, dtype, sigmoid, strided, seed=4, zero_rows=False):
     gen = _gen(seed)
     feats = _rand((B, M, D), dtype, device, gen, strided=strided)
     centers = _rand((B, C, D), dtype, device, gen, strided=strided)
+    if zero_rows:  # |f| = 0 and |c| = 0: the eps clamp of F.normalize decides value and gradient
+        with torch.no_grad():
+            feats[:, 3].zero_()
+            centers[:, 1].zero_()
     alpha, beta = _alpha_beta(dtype, device, sigmoid)
     args = (feats, centers, alpha, beta)
     (assign, sim), grads = run_with_grads(backend, sk.cosine_assign, args, round_to=dtype)
@@ -187,7 +191,7 @@ def test_cosine_assign_dtypes(backend, device, dtype):
 @pytest.mark.parametrize("backend,device", backend_params(K["cosine_assign"]))
 def test_cosine_assign_strided_and_zero_rows(backend, device):
     require(K["cosine_assign"], backend, device)
-    _check_cosine_assign(backend, device, 2, 33, 5, 12, torch.float32, sigmoid=False, strided=True)
+    _check_cosine_assign(backend, device, 2, 33, 5, 12, torch.float32, sigmoid=False, strided=True, zero_rows=True)
 
 
 def test_cosine_assign_ties_to_lower_center():
@@ -502,3 +506,30 @@ def test_opcheck(backend, device):
         has_triton = not any(name in op.name() for name in ("knn", "gather_mean"))
         with sk.use_backend(backend if backend != "triton" or has_triton else None):
             torch.library.opcheck(op, args)
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton: multi-block paths (several tiles per chunk, several chunks, C and D blocks) that the
+# default blocks only reach at GPU sizes, exercised here by shrinking the blocks.
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture
+def small_triton_blocks(monkeypatch):
+    from sgg_kernels.triton import cluster as tc
+
+    monkeypatch.setattr(tc, "_BLOCK_M", 16)
+    monkeypatch.setattr(tc, "_MAX_BLOCK_C", 16)
+    monkeypatch.setattr(tc, "_MAX_BLOCK_D", 16)
+    monkeypatch.setattr(tc, "_MIN_TILES_PER_CHUNK", 2)
+    monkeypatch.setattr(tc, "_TARGET_PROGRAMS", 6)  # 130 points -> 9 tiles -> 3 chunks of 3 tiles per image
+    return tc
+
+
+@pytest.mark.parametrize("backend,device", [p for p in backend_params(K["superpixel_cluster"]) if p.values[0] == "triton"])
+def test_triton_multiblock_paths(backend, device, small_triton_blocks):
+    require(K["superpixel_cluster"], backend, device)
+    n_chunks, per_chunk = small_triton_blocks._chunking(2, 130, 16)
+    assert n_chunks > 1 and per_chunk > 1
+    _check_cosine_assign(backend, device, 2, 130, 37, 40, torch.float32, sigmoid=True, strided=False)
+    _check_superpixel(backend, device, 2, 130, 37, 40, torch.float32, sigmoid=True, separate_values=True)
+    _check_parity(backend, sk.cluster_aggregate, _aggregate_args(2, 130, 37, 40, torch.float32, device, False), torch.float32)
+    _check_parity(backend, sk.cluster_dispatch, _dispatch_args(2, 130, 37, 40, torch.float32, device, False, True), torch.float32)

@@ -25,7 +25,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-EPS = 1e-12  # F.normalize's eps: cos uses max(|x|, EPS) norms (reference EPS)
+# F.normalize's eps (reference EPS): cos uses max(|x|, EPS) norms. A jit function may read a
+# global only if it is a tl.constexpr (the GPU compiler raises NameError; the interpreter does not).
+EPS = tl.constexpr(1e-12)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -159,16 +161,20 @@ def _cluster_sum_tile(acc, acc_w, a, w, w2, v, offs_c, C, W_NATIVE: tl.constexpr
     computed as ``tl.dot(W^T, V)`` so the tile's scatter is a small GEMM with a fixed summation
     order (deterministic; no atomics). Out-of-range a_m (< 0 or >= C, or padded rows with
     a_m = -1) match no column and contribute nothing. ``v`` is ``[BLOCK_M, BLOCK_D]`` (zeros in
-    padded rows: 0 * inf would be NaN). With W_NATIVE the dot runs in v's dtype (fp16/bf16; the
-    caller guarantees w is exactly representable in it), else in acc's dtype with IEEE fp32.
+    padded rows; note 0 * inf = NaN: an infinite value poisons its whole column block, where the
+    reference's scatter would poison only its own cluster). W^T is built transposed
+    (``[BLOCK_C, BLOCK_M]``), not ``tl.trans``-ed: with a converted fp16 V, the trans + FMA-dot
+    form made ptxas spill ~17 KB per thread on sm_90. With W_NATIVE the dot runs in v's dtype
+    (fp16/bf16; the caller guarantees w is exactly representable in it), else in acc's dtype
+    with IEEE fp32.
     """
-    hit = (a[:, None] == offs_c[None, :]) & (offs_c[None, :] < C)
-    W = tl.where(hit, w[:, None], 0.0).to(acc.dtype)
+    hit = (a[None, :] == offs_c[:, None]) & (offs_c[:, None] < C)
+    WT = tl.where(hit, w[None, :], 0.0).to(acc.dtype)
     if W_NATIVE:
-        acc = tl.dot(tl.trans(W.to(v.dtype)), v, acc, out_dtype=acc.dtype)
+        acc = tl.dot(WT.to(v.dtype), v, acc, out_dtype=acc.dtype)
     else:
-        acc = tl.dot(tl.trans(W), v.to(acc.dtype), acc, input_precision="ieee", out_dtype=acc.dtype)
-    acc_w += tl.sum(tl.where(hit, w2[:, None], 0.0).to(acc.dtype), axis=0)
+        acc = tl.dot(WT, v.to(acc.dtype), acc, input_precision="ieee", out_dtype=acc.dtype)
+    acc_w += tl.sum(tl.where(hit, w2[None, :], 0.0).to(acc.dtype), axis=1)
     return acc, acc_w
 
 
@@ -490,7 +496,8 @@ def _cluster_aggregate_backward_kernel(
         v = _load_rows(values_ptr, b, offs_m, mask_m, offs_d, mask_d, s_vb, s_vm, s_vd, ACC)
         rows = G * inv_den[:, None]  # G_a / den_a, zero for invalid points
         gv_ptrs = grad_values_ptr + (b * M + offs_m[:, None]) * D + offs_d[None, :]
-        tl.store(gv_ptrs, (s[:, None] * rows).to(grad_values_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
+        gv = (s[:, None] * rows).to(grad_values_ptr.dtype.element_ty)
+        tl.store(gv_ptrs, gv, mask=mask_m[:, None] & mask_d[None, :])
         gs += tl.sum(rows * (v - o), axis=1)
     tl.store(grad_sim_ptr + b * M + offs_m, gs.to(grad_sim_ptr.dtype.element_ty), mask=mask_m)
 

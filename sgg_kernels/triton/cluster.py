@@ -6,19 +6,19 @@ Same functions, signatures, outputs and output dtypes as :mod:`sgg_kernels.refer
 layer (:mod:`sgg_kernels.ops.cluster`) calls inside its ``torch.library`` custom ops.
 
 Design (``[B, M, D]`` points, ``C`` centers; a *tile* is ``BLOCK_M`` points, a *chunk* a run of
-tiles owned by one program):
+tiles owned by one program; grids are 1-D over ``B * tiles`` or ``B * chunks``):
 
-=============================  ===========================================  ========  ===========================
-function                       kernels (grid)                               launches  scratch (ACC dtype)
-=============================  ===========================================  ========  ===========================
-cosine_assign                  assign (B * tiles)                           1         none
-cluster_aggregate              partial (B * chunks) + finish (B, C/BC, D/BD) 2        [B, chunks, C, D + 1]
-superpixel_cluster             assign+partial (B * chunks) + finish          2        [B, chunks, C, Dv + 1]
-cosine_assign_backward         point+partial (B * chunks) + finish + torch   2 (+5)   [B, chunks, C, D + 3] + 2 [B, M]
-cluster_aggregate_backward     per point (B * tiles); grad vc in torch       1 (+1)   none
-cluster_dispatch               per point (B * tiles, D/BD)                   1         none
-cluster_dispatch_backward      point+partial (B * chunks) + finish           2 (+copy) [B, chunks, C, D]
-=============================  ===========================================  ========  ===========================
+    function                    kernels                                  launches   scratch (ACC dtype)
+    cosine_assign               assign, one tile per program             1          -
+    cluster_aggregate           partial (per chunk) + finish             2          [B, chunks, C, D + 1]
+    superpixel_cluster          assign + partial (per chunk) + finish    2          [B, chunks, C, Dv + 1]
+    cosine_assign_backward      per point + partial (chunk) + finish     2 + torch  [B, chunks, C, D + 3], 2x[B, M]
+    cluster_aggregate_backward  per point (grad vc = G / den in torch)   1 + torch  -
+    cluster_dispatch            per point, grid (B * tiles, D blocks)    1          -
+    cluster_dispatch_backward   per point + partial (chunk) + finish     2 + copy   [B, chunks, C, D]
+
+The finish kernel's grid is ``(B, C blocks, D blocks)``. "torch" is per-center elementwise work on
+``[B, C, D]`` and the sum of the alpha/beta partials; "copy" is ``grad_residual = grad_out.clone()``.
 
 Cluster sums are deterministic: each program sums its chunk with ``tl.dot(W^T, V)`` on one-hot
 weights, writes a ``[C, D]`` partial, and the finish kernel adds the chunks in a fixed order; the
@@ -26,8 +26,10 @@ chunking depends on the shapes only (it targets 2 waves of an H100's 132 SMs, no
 present), so results are bitwise reproducible. Scalar grads (alpha, beta) are per-program
 partials summed by torch. Empty inputs (B = 0 or M = 0) return without a launch.
 
-Tuning knobs are module globals (``_BLOCK_M``, ``_MAX_BLOCK_C``, ...) so tests can shrink the
-blocks to exercise multi-block paths in the interpreter.
+fp16/bf16 inputs run their dots on tensor cores (``DOT_NATIVE``/``W_NATIVE``: operands that are
+exact in that dtype, fp32 accumulation) on a GPU only; the interpreter (bf16 dots are wrong
+there) takes the fp32 path. Tuning knobs are module globals (``_BLOCK_M``, ``_MAX_BLOCK_C``, ...)
+so tests can shrink the blocks to exercise multi-block paths in the interpreter.
 """
 from __future__ import annotations
 
@@ -39,8 +41,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..reference.cluster import EPS
 from ._cluster_kernels import (
-    EPS,
     _cluster_aggregate_backward_kernel,
     _cluster_dispatch_backward_kernel,
     _cluster_dispatch_kernel,
@@ -52,16 +54,20 @@ from ._cluster_kernels import (
 )
 
 # ---------------------------------------------------------------------------------------------
-# Configuration. One fixed config (the interpreter cannot autotune); chosen for an H100 at the
-# paper's sizes ([16, 6144, 64], C = 49; [32, 24576, 64], C = 81): one center block, one D block.
+# Configuration: one fixed config (the interpreter cannot autotune). Chosen by compiling every
+# kernel for sm_90 with ptxas at the paper's sizes ([16, 6144, 64], C = 49; [32, 24576, 64],
+# C = 81): the largest tiles that compile without register spills. Larger tiles (BLOCK_M = 128,
+# BLOCK_D = 64, BLOCK_C = 128) spilled 0.5-20 KB per thread in the fp32 FMA dots.
 # ---------------------------------------------------------------------------------------------
-_BLOCK_M = 128  # points per tile (fp16/bf16/fp32)
-_BLOCK_M_FP64 = 64  # fp64 tiles are twice the bytes
-_MAX_BLOCK_C = 128  # C <= 128 fits one center block
-_MAX_BLOCK_D = 64
-_MAX_BLOCK_D_FP64 = 32
+_BLOCK_M = 64  # points per tile (fp16/bf16/fp32)
+_BLOCK_M_FP64 = 32  # fp64 tiles are twice the bytes
+_MAX_BLOCK_C = 64  # C = 49 is one center block, C = 81 two
+_MAX_BLOCK_D = 32
+_MAX_BLOCK_D_FP64 = 16
+_NUM_WARPS_DOT = 8  # kernels with tl.dot (assign, cluster sums)
+_NUM_WARPS_POINT = 4  # per-point gathers (aggregate backward, dispatch) and the finish kernel
 _TARGET_PROGRAMS = 2 * 132  # two waves of an H100's 132 SMs; fixed so chunking depends on shapes only
-_MIN_TILES_PER_CHUNK = 2  # a chunk's [C, D] partial should cost less than reading its points
+_MIN_TILES_PER_CHUNK = 4  # a chunk's [C, D] partial should cost much less than reading its points
 _NUM_STAGES = 2
 
 
@@ -87,10 +93,6 @@ def _block_m(acc: torch.dtype) -> int:
 
 def _block_d(D: int, acc: torch.dtype) -> int:
     return _pow2(D, _MAX_BLOCK_D_FP64 if acc == torch.float64 else _MAX_BLOCK_D)
-
-
-def _num_warps(block_c: int) -> int:
-    return 8 if block_c >= 128 else 4
 
 
 def _chunking(B: int, M: int, block_m: int) -> Tuple[int, int]:
@@ -138,7 +140,7 @@ def _finish(part: Tensor, part_w: Optional[Tensor], value_centers: Optional[Tens
         part, part_w if part_w is not None else part, vc, out, den if den is not None else out,
         n_chunks, C, D, *vc.stride(),
         ACC=acc_tl, ADD_CENTER=add_center, DIVIDE=divide, STORE_W=store_w,
-        BLOCK_C=block_c, BLOCK_D=block_d, num_warps=4,
+        BLOCK_C=block_c, BLOCK_D=block_d, num_warps=_NUM_WARPS_POINT,
     )
 
 
@@ -165,7 +167,7 @@ def cosine_assign(feats: Tensor, centers: Tensor, alpha: Optional[Tensor] = None
         M, C, D, *feats.stride(), *centers.stride(),
         ACC=acc_tl, SIGMOID=sigmoid, DOT_NATIVE=_half_dot(feats.dtype, centers.dtype),
         BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_D=block_d,
-        num_warps=_num_warps(block_c), num_stages=_NUM_STAGES,
+        num_warps=_NUM_WARPS_DOT, num_stages=_NUM_STAGES,
     )
     return assign, sim
 
@@ -202,7 +204,7 @@ def cosine_assign_backward(grad_sim: Tensor, feats: Tensor, centers: Tensor, ass
         M, C, D, max(1, triton.cdiv(D, block_d)), n_chunks, per_chunk,
         *grad_sim.stride(), *feats.stride(), *centers.stride(), *assign.stride(),
         ACC=acc_tl, SIGMOID=sigmoid, BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_D=block_d,
-        num_warps=_num_warps(block_c), num_stages=_NUM_STAGES,
+        num_warps=_NUM_WARPS_DOT, num_stages=_NUM_STAGES,
     )
     S = torch.empty((B, C, D), dtype=acc, device=dev)
     T = torch.empty((B, C), dtype=acc, device=dev)
@@ -247,7 +249,7 @@ def cluster_aggregate(values: Tensor, assign: Tensor, sim: Tensor, value_centers
         *values.stride(), *assign.stride(), *sim.stride(),
         ACC=acc_tl, W_NATIVE=_half_dot(values.dtype, sim.dtype),
         BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_D=block_d,
-        num_warps=_num_warps(block_c), num_stages=_NUM_STAGES,
+        num_warps=_NUM_WARPS_DOT, num_stages=_NUM_STAGES,
     )
     out = torch.empty((B, C, D), dtype=values.dtype, device=values.device)
     den = torch.empty((B, C), dtype=values.dtype, device=values.device)
@@ -272,7 +274,7 @@ def cluster_aggregate_backward(grad_out: Tensor, values: Tensor, assign: Tensor,
         grad_out, values, assign, sim, out, den, grad_values, grad_sim,
         M, C, D,
         *grad_out.stride(), *values.stride(), *assign.stride(), *sim.stride(), *out.stride(), *den.stride(),
-        ACC=acc_tl, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=4, num_stages=_NUM_STAGES,
+        ACC=acc_tl, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=_NUM_WARPS_POINT, num_stages=_NUM_STAGES,
     )
     return grad_values, grad_sim, grad_vc
 
@@ -309,7 +311,7 @@ def superpixel_cluster(feats: Tensor, centers: Tensor, values: Tensor, value_cen
         ACC=acc_tl, SIGMOID=sigmoid, DOT_NATIVE=_half_dot(feats.dtype, centers.dtype),
         W_NATIVE=_half_dot(values.dtype, sim.dtype),
         BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_D=block_d, BLOCK_DV=block_dv,
-        num_warps=_num_warps(block_c), num_stages=_NUM_STAGES,
+        num_warps=_NUM_WARPS_DOT, num_stages=_NUM_STAGES,
     )
     out = torch.empty((B, C, DV), dtype=values.dtype, device=dev)
     den = torch.empty((B, C), dtype=values.dtype, device=dev)
@@ -335,7 +337,7 @@ def cluster_dispatch(center_out: Tensor, assign: Tensor, sim: Tensor, residual: 
         center_out, assign, sim, r, out,
         M, C, D,
         *center_out.stride(), *assign.stride(), *sim.stride(), *(r.stride() if has_res else (0, 0, 0)),
-        ACC=acc_tl, HAS_RESIDUAL=has_res, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=4,
+        ACC=acc_tl, HAS_RESIDUAL=has_res, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=_NUM_WARPS_POINT,
     )
     return out
 
@@ -361,7 +363,7 @@ def cluster_dispatch_backward(grad_out: Tensor, center_out: Tensor, assign: Tens
         *grad_out.stride(), *center_out.stride(), *assign.stride(), *sim.stride(),
         ACC=acc_tl, W_NATIVE=_half_dot(grad_out.dtype, sim.dtype),
         BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_D=block_d,
-        num_warps=_num_warps(block_c), num_stages=_NUM_STAGES,
+        num_warps=_NUM_WARPS_DOT, num_stages=_NUM_STAGES,
     )
     grad_center = torch.empty((B, C, D), dtype=center_out.dtype, device=dev)
     _finish(part, None, None, grad_center, None, acc_tl, add_center=False, divide=False, store_w=False)
