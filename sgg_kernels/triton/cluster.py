@@ -110,12 +110,6 @@ def _half_dot(*dtypes: torch.dtype) -> bool:
     return (not _interpret()) and dtypes[0] in (torch.float16, torch.bfloat16) and all(d == dtypes[0] for d in dtypes)
 
 
-def _check_alpha_beta(alpha: Optional[Tensor], beta: Optional[Tensor]) -> bool:
-    if (alpha is None) != (beta is None):
-        raise ValueError("alpha and beta come together: give both (sigmoid(beta + alpha*cos)) or neither")
-    return alpha is not None
-
-
 def _scalar_grads(ab_part: Tensor, alpha: Optional[Tensor], beta: Optional[Tensor]):
     """alpha/beta grads from the per-program partials ``[..., 2]`` (a fixed-shape torch sum:
     deterministic), in each scalar's own dtype and shape."""
@@ -150,7 +144,7 @@ def _finish(part: Tensor, part_w: Optional[Tensor], value_centers: Optional[Tens
 def cosine_assign(feats: Tensor, centers: Tensor, alpha: Optional[Tensor] = None, beta: Optional[Tensor] = None):
     """Eq. 2: ``(assign [B, M] int64, sim [B, M] feats dtype)``, argmax over centers, ties to the
     lower index. One launch; never more than a ``BLOCK_M x BLOCK_C`` tile of the similarity."""
-    sigmoid = _check_alpha_beta(alpha, beta)
+    sigmoid = alpha is not None  # the op layer checked that alpha and beta come together
     B, M, D = feats.shape
     C = centers.shape[1]
     assign = torch.empty((B, M), dtype=torch.int64, device=feats.device)
@@ -181,7 +175,7 @@ def cosine_assign_backward(grad_sim: Tensor, feats: Tensor, centers: Tensor, ass
     of S_j = sum_{a_i=j} gc_i f_i / n_i and T_j = sum_{a_i=j} gc_i cos_i; the finish kernel sums
     the chunks; grad c_j = (S_j - [|c_j| >= eps] T_j c_j / m_j) / m_j is per-center torch.
     """
-    sigmoid = _check_alpha_beta(alpha, beta)
+    sigmoid = alpha is not None  # the op layer checked that alpha and beta come together
     B, M, D = feats.shape
     C = centers.shape[1]
     acc_tl, acc = _acc(feats.dtype, centers.dtype)
@@ -287,7 +281,7 @@ def superpixel_cluster(feats: Tensor, centers: Tensor, values: Tensor, value_cen
     """Eq. 2 + Eq. 3: ``(out [B, C, Dv], den [B, C], assign [B, M], sim [B, M])``, equal to
     :func:`cosine_assign` then :func:`cluster_aggregate`. One launch over the points (assign,
     then the chunk's partial cluster sums) plus the small finish kernel."""
-    sigmoid = _check_alpha_beta(alpha, beta)
+    sigmoid = alpha is not None  # the op layer checked that alpha and beta come together
     B, M, D = feats.shape
     C = centers.shape[1]
     DV = values.shape[2]
