@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
-import threading
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterator, Optional
@@ -66,12 +65,14 @@ def triton_interpret() -> bool:
 # ---------------------------------------------------------------------------------------------
 # Switches: forced backend and index-value checks.
 # ---------------------------------------------------------------------------------------------
-_state = threading.local()
+# Process-wide, not thread-local: autograd runs CUDA backward passes on its own device threads,
+# and a backward called inside a `use_backend` block must see the same choice as the forward.
+_FORCED = {"backend": None}
 _CHECKS = {"on": True}
 
 
 def _forced() -> Optional[str]:
-    name = getattr(_state, "backend", None)
+    name = _FORCED["backend"]
     if name is None:
         name = os.environ.get(ENV_VAR) or None
     return name
@@ -88,7 +89,8 @@ def use_backend(name: Optional[str]) -> Iterator[None]:
     """Force every op called inside the block to run on backend ``name``.
 
     ``name`` is one of ``"reference"``, ``"cpu"``, ``"triton"``, ``"cuda"``, or ``None`` to restore
-    automatic selection (and ignore ``SGG_KERNELS_BACKEND``). Thread-local; nests.
+    automatic selection (and ignore ``SGG_KERNELS_BACKEND``). Nests. Process-wide (so the
+    autograd engine's threads see it too): do not flip it from several threads at once.
     Example::
 
         with sk.use_backend("reference"):
@@ -96,12 +98,12 @@ def use_backend(name: Optional[str]) -> Iterator[None]:
     """
     if name is not None:
         _validate_name(name)
-    previous = getattr(_state, "backend", None)
-    _state.backend = name if name is not None else ""
+    previous = _FORCED["backend"]
+    _FORCED["backend"] = name if name is not None else ""
     try:
         yield
     finally:
-        _state.backend = previous
+        _FORCED["backend"] = previous
 
 
 def set_checks(enabled: bool) -> None:
