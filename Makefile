@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 SOURCES = $(wildcard csrc/*.cpp csrc/cpu/*.cpp csrc/cuda/*.cu) setup.py pyproject.toml
 
-.PHONY: setup build test bench cuda-check clean
+.PHONY: setup build test bench cuda-check triton-check clean
 
 setup: $(VENV)/.deps
 $(VENV)/.deps: requirements-dev.txt
@@ -28,6 +28,12 @@ bench: build
 # Compile-check every CUDA source with nvcc (no GPU needed; CI runs this).
 cuda-check: setup
 	PATH="$(abspath $(BIN)):$$PATH" bash .ci/check_cuda.sh
+
+# Compile every Triton kernel launch for sm_90 (no GPU needed): catches what the interpreter accepts
+# but the GPU compiler rejects, and reports registers/spills (CI runs this).
+triton-check: build
+	$(BIN)/python .ci/check_triton_sm90.py > $(VENV)/triton-check.log 2>&1 || { cat $(VENV)/triton-check.log; exit 1; }
+	tail -n 1 $(VENV)/triton-check.log
 
 clean:
 	rm -rf build *.egg-info sgg_kernels/*.so $(VENV)/.built

@@ -27,9 +27,9 @@ def _versions() -> list:
         f"python      {platform.python_version()}  ({sys.executable})",
         f"torch       {torch.__version__}  (CUDA {torch.version.cuda or 'none: CPU build'})",
         f"triton      {triton_version or 'not available: ' + str(_backend.TRITON_ERROR)}",
-        f"extension   " + ("sgg_kernels._C loaded, CUDA kernels: " + ("built" if _backend.c_has_cuda() else "not built")
+        "extension   " + ("sgg_kernels._C loaded, CUDA kernels: " + ("built" if _backend.c_has_cuda() else "not built")
                            if _backend._C is not None else f"NOT loaded: {_backend.C_ERROR}"),
-        f"GPU         " + (torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none visible to torch"),
+        "GPU         " + (torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none visible to torch"),
         f"TRITON_INTERPRET={'1' if _backend.triton_interpret() else '0'}  "
         f"{_backend.ENV_VAR}={_backend._forced() or '(unset: automatic)'}  "
         f"index checks {'on' if _backend.checks_enabled() else 'off'}",

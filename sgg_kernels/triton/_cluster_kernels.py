@@ -80,6 +80,15 @@ def _load_rows(ptr, b, rows, row_mask, offs_d, mask_d, s_b, s_row, s_d, ACC: tl.
 
 
 @triton.jit
+def _load_assign(assign_ptr, b, offs_m, mask_m, s_ab, s_am, C):
+    """``(valid, safe)`` for a tile of points: which assignments lie in [0, C), and the assignment
+    with every other entry replaced by 0, so an out-of-range center is never dereferenced."""
+    a = tl.load(assign_ptr + b * s_ab + offs_m * s_am, mask=mask_m, other=-1)
+    valid = mask_m & (a >= 0) & (a < C)
+    return valid, tl.where(valid, a, 0)
+
+
+@triton.jit
 def _load_points(ptr, b, offs_m, mask_m, s_b, s_m, other, ACC: tl.constexpr):
     """Load a ``[BLOCK_M]`` vector of a strided ``[B, M]`` tensor as ACC."""
     return tl.load(ptr + b * s_b + offs_m * s_m, mask=mask_m, other=other).to(ACC)
@@ -414,9 +423,7 @@ def _cosine_assign_backward_kernel(
     for t in range(lo, hi):
         offs_m = (t * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
         mask_m = offs_m < M
-        a = tl.load(assign_ptr + b * s_ab + offs_m * s_am, mask=mask_m, other=-1)
-        valid = mask_m & (a >= 0) & (a < C)
-        safe = tl.where(valid, a, 0)  # never dereference an out-of-range center
+        valid, safe = _load_assign(assign_ptr, b, offs_m, mask_m, s_ab, s_am, C)
         g = _load_points(grad_sim_ptr, b, offs_m, mask_m, s_gb, s_gm, 0.0, ACC)
         g = tl.where(valid, g, 0.0)
         nf2 = tl.zeros([BLOCK_M], dtype=ACC)
@@ -481,9 +488,7 @@ def _cluster_aggregate_backward_kernel(
     tile, b = _split_pid(tl.cdiv(M, BLOCK_M))
     offs_m = tile.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < M
-    a = tl.load(assign_ptr + b * s_ab + offs_m * s_am, mask=mask_m, other=-1)
-    valid = mask_m & (a >= 0) & (a < C)
-    safe = tl.where(valid, a, 0)
+    valid, safe = _load_assign(assign_ptr, b, offs_m, mask_m, s_ab, s_am, C)
     s = _load_points(sim_ptr, b, offs_m, mask_m, s_sb, s_sm, 0.0, ACC)
     den = tl.load(den_ptr + b * s_db + safe * s_dc, mask=valid, other=1.0).to(ACC)
     inv_den = _recip(den)
@@ -516,9 +521,7 @@ def _cluster_dispatch_kernel(
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_m = offs_m < M
     mask_d = offs_d < D
-    a = tl.load(assign_ptr + b * s_ab + offs_m * s_am, mask=mask_m, other=-1)
-    valid = mask_m & (a >= 0) & (a < C)
-    safe = tl.where(valid, a, 0)
+    valid, safe = _load_assign(assign_ptr, b, offs_m, mask_m, s_ab, s_am, C)
     s = _load_points(sim_ptr, b, offs_m, mask_m, s_sb, s_sm, 0.0, ACC)
     co = _load_rows(center_out_ptr, b, safe, valid, offs_d, mask_d, s_cb, s_cc, s_cd, ACC)
     o = s[:, None] * co
@@ -548,9 +551,7 @@ def _cluster_dispatch_backward_kernel(
     for t in range(lo, hi):
         offs_m = (t * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
         mask_m = offs_m < M
-        a = tl.load(assign_ptr + b * s_ab + offs_m * s_am, mask=mask_m, other=-1)
-        valid = mask_m & (a >= 0) & (a < C)
-        safe = tl.where(valid, a, 0)
+        valid, safe = _load_assign(assign_ptr, b, offs_m, mask_m, s_ab, s_am, C)
         gs = tl.zeros([BLOCK_M], dtype=ACC)
         for d0 in range(0, D, BLOCK_D):
             offs_d = d0 + tl.arange(0, BLOCK_D)
