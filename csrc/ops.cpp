@@ -49,6 +49,24 @@ TORCH_LIBRARY(sgg_kernels, m) {
   m.def(
       "_cluster_dispatch_backward(Tensor grad_out, Tensor center_out, Tensor assign, Tensor sim, "
       "bool has_residual) -> (Tensor, Tensor, Tensor)");
+
+  // family pairs (LinkNet, Eq. 12-14, 17; union-box RoIAlign); math: sgg_kernels/reference/pairs.py
+  m.def("_union_boxes(Tensor boxes, Tensor pairs) -> Tensor");
+  m.def("_union_boxes_backward(Tensor grad, Tensor boxes, Tensor pairs) -> Tensor");
+  m.def("_pair_geometry(Tensor boxes, Tensor pairs) -> Tensor");
+  m.def("_pair_geometry_backward(Tensor grad, Tensor boxes, Tensor pairs) -> Tensor");
+  m.def(
+      "_roi_align(Tensor features, Tensor boxes, Tensor box_batch, Tensor? pairs, int pooled_h, int pooled_w, "
+      "float spatial_scale, int sampling_ratio, bool aligned) -> Tensor");
+  m.def(
+      "_roi_align_backward(Tensor grad, Tensor boxes, Tensor box_batch, Tensor? pairs, int B, int H, int W, "
+      "float spatial_scale, int sampling_ratio, bool aligned) -> Tensor");
+  m.def(
+      "_pairwise_edge_fusion(Tensor subj, Tensor obj, Tensor? union_feats, Tensor pairs, Tensor weight, "
+      "Tensor? bias) -> Tensor");
+  m.def(
+      "_pairwise_edge_fusion_backward(Tensor grad, Tensor subj, Tensor obj, Tensor? union_feats, Tensor pairs, "
+      "Tensor weight, bool has_bias) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 }  // namespace sgg_kernels

@@ -12,9 +12,9 @@ import sys
 import torch
 
 from . import _backend
-from .ops import cluster
+from .ops import cluster, pairs
 
-FAMILIES = {"cluster": cluster.KERNELS}
+FAMILIES = {"cluster": cluster.KERNELS, "pairs": pairs.KERNELS}
 DEVICES = ("cpu", "cuda")
 
 

@@ -1,0 +1,325 @@
+"""Pair features (LinkNet, NeurIPS'18, Sec. 3.4) in plain PyTorch: the test oracle and the fallback.
+
+Written equation by equation, float64-safe. Every backend (C++ CPU, CUDA C++, Triton) implements
+the *same functions with the same signatures*, forward and backward, so ``sgg_kernels.ops.pairs``
+can call any of them. Inputs reaching these functions are already checked by the op layer:
+
+- ``boxes [K, 4]`` (x1, y1, x2, y2), any float dtype for :func:`union_boxes`/:func:`pair_geometry`;
+  float32 (float64 when the features are float64) for :func:`roi_align`;
+- ``pairs [P, 2]`` int64 (subject, object) into the K boxes; ``box_batch [K]`` int64;
+- ``features [B, D, H, W]``; ``subj``/``obj [K, D]`` (possibly row-strided views), ``union [P, Du]``,
+  ``weight [C, D]``, ``bias [C]``, all one dtype.
+
+Out-of-range ``pairs``/``box_batch`` entries (possible only with ``set_checks(False)``) contribute
+nothing: the pair's or RoI's output is zero and it adds nothing to any gradient.
+
+**union_boxes** u_p = (min(x1_s, x1_o), min(y1_s, y1_o), max(x2_s, x2_o), max(y2_s, y2_o)); its
+gradient goes to the box that attains each min/max, the subject on ties.
+
+**pair_geometry** (Eq. 17, box centres): with c = ((x1+x2)/2, (y1+y2)/2), w = max(x2-x1, 1e-6),
+h = max(y2-y1, 1e-6): b_o|s = ((cx_o-cx_s)/w_s, (cy_o-cy_s)/h_s, log(w_o/w_s), log(h_o/h_s)).
+Backward, G = grad [P, 4]:
+    g_cx_o = G0/w_s, g_cx_s = -G0/w_s, g_w_s = -G0 (cx_o-cx_s)/w_s^2 - G2/w_s, g_w_o = G2/w_o
+    (y/h likewise with G1, G3); g_w = 0 where x2-x1 < 1e-6 (the clamp);
+    d x1 = g_cx/2 - g_w, d x2 = g_cx/2 + g_w, summed over every pair that uses the box.
+
+**roi_align** (torchvision's semantics exactly): for RoI r of image b with box (x1, y1, x2, y2),
+offset = 0.5 if aligned else 0, start = x1*scale - offset, extent = x2*scale - offset - start
+(at least 1 unless aligned), bin = extent / pooled, n = sampling_ratio if > 0 else ceil(extent /
+pooled) samples per bin and axis, count = max(n_h n_w, 1). Sample i of bin p sits at
+start + p*bin + (i + 0.5)*bin/n; a sample with y < -1, y > H, x < -1 or x > W reads 0; otherwise
+it is bilinear with the coordinate clamped at 0 and at the last row/column. All of this is
+separable in y and x, so the output is
+
+    out[r, :, p, q] = 1/count * sum_{y, x} Ay[r, p, y] Ax[r, q, x] f[b, :, y, x]      (*)
+
+where Ay[r, p, y] sums the bilinear weights row y receives from the samples of bin p (zero for
+invalid samples), Ax likewise. The reference builds Ay and Ax and contracts (*) per image; the
+kernels loop over samples as torchvision does. Backward: grad f[b] = sum_{r in b} Ay[r]^T
+(G[r] / count) Ax[r]; the boxes get no gradient (as in torchvision). With ``pairs`` the RoIs are
+the pairs' union boxes (``union_boxes``), in the subject's image.
+
+**pairwise_edge_fusion** (Eq. 12-14): g_p = subj[s_p] * obj[o_p] * u_p with u_p = union[p] on the
+first Du dims and 1 on the rest, logits = g W^T + bias. Backward, G = grad [P, C], dg = G W [P, D]:
+    d subj[k] = sum_{p: s_p = k} dg_p * obj[o_p] * u_p,   d obj[k] = sum_{p: o_p = k} dg_p * subj[s_p] * u_p
+    d union_p = (dg_p * subj[s_p] * obj[o_p])[:Du],  d W = G^T g,  d bias = sum_p G_p
+(for an invalid pair g_p = 0, so its logits are the bias: it still counts in d bias, nowhere else).
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .cluster import _acc_dtype, _split_index
+
+SIZE_EPS = 1e-6  # pair_geometry: widths and heights are clamped to at least this
+
+
+# ---------------------------------------------------------------------------------------------
+# Pair indices
+# ---------------------------------------------------------------------------------------------
+def _pair_rows(pairs: Tensor, K: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(valid [P], s [P], o [P])``: a pair is valid when both indices lie in ``[0, K)``; invalid
+    pairs get the safe index 0 and must be masked by the caller."""
+    vs, s = _split_index(pairs[:, 0], K)
+    vo, o = _split_index(pairs[:, 1], K)
+    valid = vs & vo
+    zero = torch.zeros_like(s)
+    return valid, torch.where(valid, s, zero), torch.where(valid, o, zero)
+
+
+def _rows_at(x: Tensor, index: Tensor) -> Tensor:
+    """``x[index]``, also when ``x`` has no rows (K = 0: every pair is invalid, rows of zeros)."""
+    if x.shape[0] == 0:
+        return x.new_zeros((index.shape[0],) + tuple(x.shape[1:]))
+    return x[index]
+
+
+def _scatter_rows(values: Tensor, index: Tensor, K: int) -> Tensor:
+    """``out[k] = sum_{p: index_p = k} values[p]`` (``values [P, ...]``) in the accumulation dtype."""
+    out = values.new_zeros((K,) + tuple(values.shape[1:]))
+    return out.index_add_(0, index, values)
+
+
+# ---------------------------------------------------------------------------------------------
+# union_boxes
+# ---------------------------------------------------------------------------------------------
+def union_boxes(boxes: Tensor, pairs: Tensor) -> Tensor:
+    """The smallest box holding both boxes of each pair: ``[K, 4]``, ``[P, 2]`` -> ``[P, 4]``."""
+    valid, s, o = _pair_rows(pairs, boxes.shape[0])
+    bs, bo = _rows_at(boxes, s), _rows_at(boxes, o)
+    u = torch.cat([torch.minimum(bs[:, :2], bo[:, :2]), torch.maximum(bs[:, 2:], bo[:, 2:])], dim=1)
+    return torch.where(valid[:, None], u, torch.zeros_like(u))
+
+
+def union_boxes_backward(grad: Tensor, boxes: Tensor, pairs: Tensor) -> Tensor:
+    """d boxes of :func:`union_boxes`: each coordinate's gradient to the box attaining the min/max
+    (the subject on ties), summed over pairs."""
+    K = boxes.shape[0]
+    acc = _acc_dtype(grad.dtype)
+    valid, s, o = _pair_rows(pairs, K)
+    bs, bo = _rows_at(boxes, s), _rows_at(boxes, o)
+    to_subject = torch.cat([bs[:, :2] <= bo[:, :2], bs[:, 2:] >= bo[:, 2:]], dim=1)
+    g = torch.where(valid[:, None], grad.to(acc), 0)
+    out = _scatter_rows(torch.where(to_subject, g, 0), s, K)
+    out.index_add_(0, o, torch.where(to_subject, 0, g))
+    return out.to(boxes.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# pair_geometry (Eq. 17)
+# ---------------------------------------------------------------------------------------------
+def _centres_sizes(b: Tensor):
+    """``(cx, cy, w, h, w_raw, h_raw)`` of boxes ``[*, 4]``; w, h clamped to at least SIZE_EPS."""
+    w_raw, h_raw = b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]
+    return ((b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2,
+            w_raw.clamp_min(SIZE_EPS), h_raw.clamp_min(SIZE_EPS), w_raw, h_raw)
+
+
+def pair_geometry(boxes: Tensor, pairs: Tensor) -> Tensor:
+    """Eq. 17: b_o|s = ((x_o-x_s)/w_s, (y_o-y_s)/h_s, log(w_o/w_s), log(h_o/h_s)), ``[P, 4]``.
+
+    (x, y) are box centres; widths and heights are clamped to at least 1e-6, so degenerate boxes
+    (zero or negative size) give finite values.
+    """
+    acc = _acc_dtype(boxes.dtype)
+    valid, s, o = _pair_rows(pairs, boxes.shape[0])
+    cxs, cys, ws, hs, _, _ = _centres_sizes(_rows_at(boxes, s).to(acc))
+    cxo, cyo, wo, ho, _, _ = _centres_sizes(_rows_at(boxes, o).to(acc))
+    out = torch.stack([(cxo - cxs) / ws, (cyo - cys) / hs, torch.log(wo / ws), torch.log(ho / hs)], dim=1)
+    return torch.where(valid[:, None], out, 0).to(boxes.dtype)
+
+
+def pair_geometry_backward(grad: Tensor, boxes: Tensor, pairs: Tensor) -> Tensor:
+    """d boxes of :func:`pair_geometry` (formulas in the module docstring)."""
+    K = boxes.shape[0]
+    acc = _acc_dtype(grad.dtype)
+    valid, s, o = _pair_rows(pairs, K)
+    G = torch.where(valid[:, None], grad.to(acc), 0)
+    cxs, cys, ws, hs, ws_raw, hs_raw = _centres_sizes(_rows_at(boxes, s).to(acc))
+    cxo, cyo, wo, ho, wo_raw, ho_raw = _centres_sizes(_rows_at(boxes, o).to(acc))
+    g_cxo, g_cyo = G[:, 0] / ws, G[:, 1] / hs
+    g_ws = -G[:, 0] * (cxo - cxs) / (ws * ws) - G[:, 2] / ws
+    g_hs = -G[:, 1] * (cyo - cys) / (hs * hs) - G[:, 3] / hs
+    g_wo, g_ho = G[:, 2] / wo, G[:, 3] / ho
+    # clamp_min's gradient: passes where the raw size is >= the bound (as autograd's clamp).
+    g_ws, g_hs = torch.where(ws_raw >= SIZE_EPS, g_ws, 0), torch.where(hs_raw >= SIZE_EPS, g_hs, 0)
+    g_wo, g_ho = torch.where(wo_raw >= SIZE_EPS, g_wo, 0), torch.where(ho_raw >= SIZE_EPS, g_ho, 0)
+
+    def box_grad(g_cx, g_cy, g_w, g_h):  # chain rule through c = (x1+x2)/2, w = x2-x1
+        return torch.stack([g_cx / 2 - g_w, g_cy / 2 - g_h, g_cx / 2 + g_w, g_cy / 2 + g_h], dim=1)
+
+    out = _scatter_rows(box_grad(-g_cxo, -g_cyo, g_ws, g_hs), s, K)
+    out.index_add_(0, o, box_grad(g_cxo, g_cyo, g_wo, g_ho))
+    return out.to(boxes.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# roi_align / union_roi_align
+# ---------------------------------------------------------------------------------------------
+ROI_CHUNK = 512  # RoIs contracted at once in (*): bounds the reference's temporaries
+
+
+def _rois(boxes: Tensor, box_batch: Tensor, pairs: Optional[Tensor], B: int):
+    """``(roi_boxes [R, 4], roi_batch [R], valid [R])``: the boxes themselves, or with ``pairs``
+    their union boxes in the subject's image. Invalid RoIs get box 0 / image 0 and valid False."""
+    K = boxes.shape[0]
+    if pairs is None:
+        rb = box_batch
+        valid = torch.ones_like(rb, dtype=torch.bool)
+        roi_boxes = boxes
+    else:
+        valid, s, _ = _pair_rows(pairs, K)
+        roi_boxes = union_boxes(boxes, pairs)
+        rb = torch.where(valid, _rows_at(box_batch, s), torch.zeros_like(s))
+    vb, rb = _split_index(rb, B)
+    return roi_boxes, rb, valid & vb
+
+
+def _axis_weights(start: Tensor, extent: Tensor, pooled: int, size: int, sampling_ratio: int) -> Tuple[Tensor, Tensor]:
+    """``(A [R, pooled, size], n [R])`` along one axis: A[r, p, i] sums the bilinear weights that
+    pixel row (or column) i receives from the n samples of bin p of RoI r (torchvision's rules)."""
+    R = start.shape[0]
+    bin_size = extent / pooled
+    if sampling_ratio > 0:
+        n = torch.full((R,), sampling_ratio, dtype=torch.int64, device=start.device)
+    else:
+        n = torch.ceil(extent / pooled).to(torch.int64)
+    g = max(int(n.max()) if R else 0, 0)
+    A = start.new_zeros((R, pooled, size))
+    if g == 0 or size == 0:
+        return A, n
+    p = torch.arange(pooled, device=start.device, dtype=start.dtype)[None, :, None]
+    i = torch.arange(g, device=start.device)[None, None, :]
+    nn = n.clamp_min(1).to(start.dtype)[:, None, None]
+    pos = start[:, None, None] + p * bin_size[:, None, None] + (i + 0.5) * bin_size[:, None, None] / nn
+    use = (i < n[:, None, None]) & (pos >= -1.0) & (pos <= size)
+    pos = pos.clamp_min(0)
+    low = pos.floor().to(torch.int64)
+    edge = low >= size - 1
+    low = torch.where(edge, size - 1, low)
+    high = torch.where(edge, size - 1, low + 1)
+    pos = torch.where(edge, low.to(pos.dtype), pos)
+    frac = pos - low.to(pos.dtype)
+    zero = torch.zeros_like(frac)
+    A.scatter_add_(2, low.clamp(0, size - 1), torch.where(use, 1 - frac, zero))
+    A.scatter_add_(2, high.clamp(0, size - 1), torch.where(use, frac, zero))
+    return A, n
+
+
+def _roi_weights(boxes, box_batch, pairs, B, H, W, pooled_h, pooled_w, spatial_scale, sampling_ratio, aligned):
+    """``(Ay [R, ph, H], Ax [R, pw, W], roi_batch [R])`` with 1/count and invalid RoIs folded into Ay."""
+    roi_boxes, rb, valid = _rois(boxes, box_batch, pairs, B)
+    offset = 0.5 if aligned else 0.0
+    start = roi_boxes * spatial_scale - offset
+    ext_w, ext_h = start[:, 2] - start[:, 0], start[:, 3] - start[:, 1]
+    if not aligned:  # torchvision: force malformed RoIs to be 1x1
+        ext_w, ext_h = ext_w.clamp_min(1.0), ext_h.clamp_min(1.0)
+    Ay, n_h = _axis_weights(start[:, 1], ext_h, pooled_h, H, sampling_ratio)
+    Ax, n_w = _axis_weights(start[:, 0], ext_w, pooled_w, W, sampling_ratio)
+    count = (n_h * n_w).clamp_min(1).to(Ay.dtype)
+    Ay = torch.where(valid[:, None, None], Ay / count[:, None, None], 0)
+    return Ay, Ax, rb
+
+
+def _per_image_chunks(roi_batch: Tensor, B: int):
+    """``(b, index)`` for each image and chunk of at most ROI_CHUNK of its RoIs."""
+    for b in range(B):
+        idx = (roi_batch == b).nonzero().flatten()
+        for start in range(0, idx.numel(), ROI_CHUNK):
+            yield b, idx[start:start + ROI_CHUNK]
+
+
+def roi_align(features: Tensor, boxes: Tensor, box_batch: Tensor, pairs: Optional[Tensor], pooled_h: int,
+              pooled_w: int, spatial_scale: float, sampling_ratio: int, aligned: bool) -> Tensor:
+    """RoIAlign (torchvision's semantics), ``[B, D, H, W]`` -> ``[R, D, pooled_h, pooled_w]``.
+
+    R = K boxes, or with ``pairs`` the P union boxes. Computed as (*) of the module docstring.
+    """
+    B, D, H, W = features.shape
+    acc = _acc_dtype(features.dtype)
+    Ay, Ax, rb = _roi_weights(boxes.to(acc), box_batch, pairs, B, H, W, pooled_h, pooled_w,
+                              spatial_scale, sampling_ratio, aligned)
+    R = Ay.shape[0]
+    out = features.new_zeros((R, D, pooled_h, pooled_w), dtype=acc)
+    f = features.to(acc)
+    for b, idx in _per_image_chunks(rb, B):
+        t = torch.einsum("dyx,rqx->rdyq", f[b], Ax[idx])
+        out[idx] = torch.einsum("rpy,rdyq->rdpq", Ay[idx], t)
+    return out.to(features.dtype)
+
+
+def roi_align_backward(grad: Tensor, boxes: Tensor, box_batch: Tensor, pairs: Optional[Tensor], B: int, H: int,
+                       W: int, spatial_scale: float, sampling_ratio: int, aligned: bool) -> Tensor:
+    """d features of :func:`roi_align`: ``grad f[b] = sum_{r in b} Ay[r]^T G[r] Ax[r]``, ``[B, D, H, W]``."""
+    D, pooled_h, pooled_w = grad.shape[1:]
+    acc = _acc_dtype(grad.dtype)
+    Ay, Ax, rb = _roi_weights(boxes.to(acc), box_batch, pairs, B, H, W, pooled_h, pooled_w,
+                              spatial_scale, sampling_ratio, aligned)
+    out = grad.new_zeros((B, D, H, W), dtype=acc)
+    g = grad.to(acc)
+    for b, idx in _per_image_chunks(rb, B):
+        t = torch.einsum("rdpq,rqx->rdpx", g[idx], Ax[idx])
+        out[b] += torch.einsum("rpy,rdpx->dyx", Ay[idx], t)
+    return out.to(grad.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# pairwise_edge_fusion (Eq. 12-14)
+# ---------------------------------------------------------------------------------------------
+def _fused_rows(subj: Tensor, obj: Tensor, union: Optional[Tensor], valid, s, o) -> Tensor:
+    """g [P, D] of Eq. 12, zero for invalid pairs (the reference materialises it; kernels never do)."""
+    g = _rows_at(subj, s) * _rows_at(obj, o)
+    if union is not None:
+        Du = union.shape[1]
+        g = torch.cat([g[:, :Du] * union, g[:, Du:]], dim=1)
+    return torch.where(valid[:, None], g, 0)
+
+
+def _union_full(union: Optional[Tensor], P: int, D: int, like: Tensor) -> Tensor:
+    """u [P, D]: union on the first Du dims, 1 on the rest (all ones without union features)."""
+    ones = like.new_ones((P, D))
+    if union is None:
+        return ones
+    return torch.cat([union, ones[:, union.shape[1]:]], dim=1)
+
+
+def pairwise_edge_fusion(subj: Tensor, obj: Tensor, union: Optional[Tensor], pairs: Tensor, weight: Tensor,
+                         bias: Optional[Tensor]) -> Tensor:
+    """Eq. 12-14: logits_p = (subj[s_p] * obj[o_p] * union_p) W^T + bias, ``[P, C]``."""
+    valid, s, o = _pair_rows(pairs, subj.shape[0])
+    g = _fused_rows(subj, obj, union, valid, s, o)
+    out = g @ weight.t()
+    return out if bias is None else out + bias
+
+
+def pairwise_edge_fusion_backward(grad: Tensor, subj: Tensor, obj: Tensor, union: Optional[Tensor], pairs: Tensor,
+                                  weight: Tensor, has_bias: bool):
+    """``(d subj [K, D], d obj [K, D], d union [P, Du] | empty, d weight [C, D], d bias [C] | empty)``."""
+    K, D = subj.shape
+    P = pairs.shape[0]
+    acc = _acc_dtype(grad.dtype)
+    valid, s, o = _pair_rows(pairs, K)
+    G = torch.where(valid[:, None], grad.to(acc), 0)
+    sub, ob = _rows_at(subj.to(acc), s), _rows_at(obj.to(acc), o)
+    u = _union_full(None if union is None else union.to(acc), P, D, sub)
+    dg = G @ weight.to(acc)
+    d_subj = _scatter_rows(dg * ob * u, s, K).to(subj.dtype)
+    d_obj = _scatter_rows(dg * sub * u, o, K).to(obj.dtype)
+    if union is None:
+        d_union = grad.new_empty((0,))
+    else:
+        d_union = (dg * sub * ob)[:, :union.shape[1]].to(union.dtype).contiguous()
+    g = _fused_rows(subj.to(acc), obj.to(acc), None if union is None else union.to(acc), valid, s, o)
+    d_weight = (G.t() @ g).to(weight.dtype)
+    # an invalid pair's logits are the bias alone, so its gradient still reaches the bias
+    d_bias = grad.to(acc).sum(0).to(weight.dtype) if has_bias else grad.new_empty((0,))
+    return d_subj, d_obj, d_union, d_weight, d_bias
+
+
+__all__ = [
+    "union_boxes", "union_boxes_backward", "pair_geometry", "pair_geometry_backward",
+    "roi_align", "roi_align_backward", "pairwise_edge_fusion", "pairwise_edge_fusion_backward",
+]

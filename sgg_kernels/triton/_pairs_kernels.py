@@ -1,0 +1,241 @@
+"""Triton kernels of pairwise_edge_fusion (LinkNet, NeurIPS'18, Eq. 12-14).
+
+The launchers live in :mod:`sgg_kernels.triton.pairs`; this module holds only ``@triton.jit``
+code. Notation: ``subj``/``obj`` ``[K, D]`` (row strides ``s_sk``/``s_ok``, column stride 1: they
+may be the two halves of one ``[K, 2D]`` tensor), ``union`` ``[P, Du]`` (row stride ``s_up``),
+``pairs`` ``[P, 2]``, ``weight`` ``[C, D]``, ``grad`` ``[P, C]``, and
+
+    g_p = subj[s_p] * obj[o_p] * u_p     (u_p = union_p on the first Du dims, 1 beyond)
+    dg_p = G_p W                          (G = grad; the gradient of g_p)
+
+Two helpers carry the math and are shared by every kernel:
+
+- :func:`_fused_tile`: the ``[BLOCK_P, BLOCK_D]`` tile of g for a tile of pairs (the gather-
+  multiply prologue); g is never stored, the backward recomputes it.
+- :func:`_dg_tile`: the ``[BLOCK_P, BLOCK_D]`` tile of dg, a dot over C blocks.
+
+A pair is *valid* when both indices lie in ``[0, K)``; an invalid pair's rows are never read
+(masked loads), its g is 0 (its logits are the bias) and its gradient row G_p reaches d bias
+only (the reference's rule).
+
+dtype conventions (as the cluster kernels): every load is converted to ACC (float32, or float64
+for float64 inputs) before arithmetic; outputs are stored with ``.to(ptr.dtype.element_ty)``;
+float32 dots pass ``input_precision="ieee"`` (TF32 would keep 10 mantissa bits); with
+``DOT_NATIVE`` (fp16/bf16 on a GPU) the dot operands are cast to the input dtype and accumulate
+in float32. Row indices are int64 before they meet a stride.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers.
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _dot(a, b, acc, NATIVE: tl.constexpr, LOW: tl.constexpr):
+    """``acc + a @ b``: operands in LOW (fp16/bf16, exact products) when NATIVE, else in acc's
+    dtype with IEEE float32."""
+    if NATIVE:
+        acc = tl.dot(a.to(LOW), b.to(LOW), acc, out_dtype=acc.dtype)
+    else:
+        acc = tl.dot(a.to(acc.dtype), b.to(acc.dtype), acc, input_precision="ieee", out_dtype=acc.dtype)
+    return acc
+
+
+@triton.jit
+def _load_pairs(pairs_ptr, offs_p, mask_p, s_pp, s_pc, K):
+    """``(valid, s, o)`` for a tile of pairs (int64): valid when both indices lie in [0, K);
+    invalid (and padded) entries get the safe index 0 and must be masked by the caller."""
+    s = tl.load(pairs_ptr + offs_p * s_pp, mask=mask_p, other=-1).to(tl.int64)
+    o = tl.load(pairs_ptr + offs_p * s_pp + s_pc, mask=mask_p, other=-1).to(tl.int64)
+    valid = mask_p & (s >= 0) & (s < K) & (o >= 0) & (o < K)
+    return valid, tl.where(valid, s, 0), tl.where(valid, o, 0)
+
+
+@triton.jit
+def _load_union(union_ptr, rows, row_mask, offs_d, DU, s_up, ACC: tl.constexpr):
+    """u for the tile: ``union[rows, d]`` where d < Du, 1 beyond (and in masked rows)."""
+    ptrs = union_ptr + rows[:, None] * s_up + offs_d[None, :]
+    return tl.load(ptrs, mask=row_mask[:, None] & (offs_d < DU)[None, :], other=1.0).to(ACC)
+
+
+@triton.jit
+def _load_rows(ptr, rows, row_mask, offs_d, mask_d, s_row, ACC: tl.constexpr):
+    """``x[rows, offs_d]`` of a row-strided ``[*, D]`` tensor as ACC (masked -> 0)."""
+    ptrs = ptr + rows[:, None] * s_row + offs_d[None, :]
+    return tl.load(ptrs, mask=row_mask[:, None] & mask_d[None, :], other=0.0).to(ACC)
+
+
+@triton.jit
+def _fused_tile(subj_ptr, obj_ptr, union_ptr, offs_p, valid, s, o, offs_d, mask_d, DU, s_sk, s_ok, s_up,
+                ACC: tl.constexpr, HAS_UNION: tl.constexpr):
+    """g = subj[s] * obj[o] * u, ``[BLOCK_P, BLOCK_D]`` in ACC; 0 in invalid rows and d >= D
+    (same product order as the reference: (subj * obj) * u)."""
+    g = _load_rows(subj_ptr, s, valid, offs_d, mask_d, s_sk, ACC) * _load_rows(obj_ptr, o, valid, offs_d, mask_d, s_ok, ACC)
+    if HAS_UNION:
+        g = g * _load_union(union_ptr, offs_p, valid, offs_d, DU, s_up, ACC)
+    return g
+
+
+@triton.jit
+def _dg_tile(grad_ptr, weight_ptr, rows, row_mask, offs_d, mask_d, C, s_gp, s_gc, s_wc,
+             ACC: tl.constexpr, NATIVE: tl.constexpr, BLOCK_C: tl.constexpr):
+    """dg = G[rows] W[:, offs_d], ``[len(rows), BLOCK_D]`` in ACC, a dot over C blocks; rows with
+    ``row_mask`` False count as G = 0."""
+    offs_cb = tl.arange(0, BLOCK_C)
+    dg = tl.zeros([rows.shape[0], offs_d.shape[0]], dtype=ACC)
+    for c0 in range(0, C, BLOCK_C):
+        offs_c = c0 + offs_cb
+        mask_c = offs_c < C
+        G = tl.load(grad_ptr + rows[:, None] * s_gp + offs_c[None, :] * s_gc,
+                    mask=row_mask[:, None] & mask_c[None, :], other=0.0)
+        W = tl.load(weight_ptr + offs_c[:, None] * s_wc + offs_d[None, :],
+                    mask=mask_c[:, None] & mask_d[None, :], other=0.0)
+        dg = _dot(G, W, dg, NATIVE, weight_ptr.dtype.element_ty)
+    return dg
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels.
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _fusion_forward_kernel(
+    subj_ptr, obj_ptr, union_ptr, pairs_ptr, weight_ptr, bias_ptr, out_ptr,
+    P, K, C, D, DU,
+    s_sk, s_ok, s_up, s_pp, s_pc, s_wc,
+    ACC: tl.constexpr, HAS_UNION: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_NATIVE: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Eq. 12-14: out[p, c] = sum_d g[p, d] W[c, d] + bias[c], a GEMM with a gather-multiply
+    prologue. Grid ``(cdiv(P, BLOCK_P), cdiv(C, BLOCK_C))``; ``out`` contiguous ``[P, C]``.
+    Each program loops over D in BLOCK_D chunks: g tile (:func:`_fused_tile`) times the
+    ``[BLOCK_D, BLOCK_C]`` tile of W^T (loaded transposed), accumulated in ACC."""
+    offs_p = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_p = offs_p < P
+    mask_c = offs_c < C
+    valid, s, o = _load_pairs(pairs_ptr, offs_p, mask_p, s_pp, s_pc, K)
+    acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        mask_d = offs_d < D
+        g = _fused_tile(subj_ptr, obj_ptr, union_ptr, offs_p, valid, s, o, offs_d, mask_d, DU, s_sk, s_ok, s_up,
+                        ACC, HAS_UNION)
+        wt = tl.load(weight_ptr + offs_c[None, :] * s_wc + offs_d[:, None],
+                     mask=mask_d[:, None] & mask_c[None, :], other=0.0)
+        acc = _dot(g, wt, acc, DOT_NATIVE, weight_ptr.dtype.element_ty)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_c, mask=mask_c, other=0.0).to(ACC)[None, :]
+    out_ptrs = out_ptr + offs_p[:, None] * C + offs_c[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_p[:, None] & mask_c[None, :])
+
+
+@triton.jit
+def _fusion_dweight_kernel(
+    grad_ptr, subj_ptr, obj_ptr, union_ptr, pairs_ptr, part_ptr, part_b_ptr,
+    P, K, C, D, DU, TILES_PER_CHUNK,
+    s_gp, s_gc, s_sk, s_ok, s_up, s_pp, s_pc,
+    ACC: tl.constexpr, HAS_UNION: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_NATIVE: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Partial d weight (and d bias) of one chunk of pair tiles. Grid ``(max(1, cdiv(D, BLOCK_D)),
+    n_chunks)``; chunk k owns tiles ``[k TILES_PER_CHUNK, (k + 1) TILES_PER_CHUNK)``:
+
+        part[k, c, d] = sum_{p in chunk k, valid} G[p, c] g[p, d]   (tl.dot(G^T, g), g recomputed)
+        part_b[k, c]  = sum_{p in chunk k} G[p, c]                    (HAS_BIAS, written by D block 0)
+
+    (an invalid pair's logits are the bias alone, so its G row still counts in d bias). ``part`` ``[n_chunks, C, D]`` and ``part_b`` ``[n_chunks, C]`` are
+    contiguous ACC buffers, fully written (zeros for an empty chunk); the launcher sums them over
+    chunks in a fixed order (deterministic, no atomics).
+    """
+    pid_d = tl.program_id(0)
+    chunk = tl.program_id(1).to(tl.int64)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_d = offs_d < D
+    lo = chunk * TILES_PER_CHUNK
+    hi = tl.minimum(lo + TILES_PER_CHUNK, tl.cdiv(P, BLOCK_P))
+    offs_pb = tl.arange(0, BLOCK_P)
+    for c0 in range(0, C, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        mask_c = offs_c < C
+        acc = tl.zeros([BLOCK_C, BLOCK_D], dtype=ACC)
+        acc_b = tl.zeros([BLOCK_C], dtype=ACC)
+        for t in range(lo, hi):
+            offs_p = t * BLOCK_P + offs_pb
+            mask_p = offs_p < P
+            valid, s, o = _load_pairs(pairs_ptr, offs_p, mask_p, s_pp, s_pc, K)
+            g = _fused_tile(subj_ptr, obj_ptr, union_ptr, offs_p, valid, s, o, offs_d, mask_d, DU, s_sk, s_ok, s_up,
+                            ACC, HAS_UNION)
+            # G^T loaded transposed, [BLOCK_C, BLOCK_P]; every pair's row reaches the bias
+            gt = tl.load(grad_ptr + offs_p[None, :] * s_gp + offs_c[:, None] * s_gc,
+                         mask=mask_p[None, :] & mask_c[:, None], other=0.0)
+            if HAS_BIAS:
+                acc_b += tl.sum(gt.to(ACC), axis=1)
+            gt = tl.where(valid[None, :], gt, 0.0)  # only valid pairs' rows reach W
+            acc = _dot(gt, g, acc, DOT_NATIVE, grad_ptr.dtype.element_ty)
+        p_ptrs = part_ptr + (chunk * C + offs_c[:, None]) * D + offs_d[None, :]
+        tl.store(p_ptrs, acc, mask=mask_c[:, None] & mask_d[None, :])
+        if HAS_BIAS:
+            tl.store(part_b_ptr + chunk * C + offs_c, acc_b, mask=mask_c & (pid_d == 0))
+
+
+@triton.jit
+def _fusion_drows_kernel(
+    grad_ptr, other_ptr, union_ptr, pairs_ptr, weight_ptr, order_ptr, offsets_ptr, out_ptr,
+    C, D, DU,
+    s_gp, s_gc, s_xk, s_up, s_pp, s_pc, s_wc,
+    OTHER_COL: tl.constexpr, ACC: tl.constexpr, HAS_UNION: tl.constexpr, DOT_NATIVE: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """d subj (OTHER_COL = 1, ``other`` = obj) or d obj (OTHER_COL = 0, ``other`` = subj):
+
+        out[k] = sum_{p: self_p = k} dg_p * other[other_p] * u_p
+
+    from a CSR of the valid pairs by their "self" index: pairs ``order[offsets[k]:offsets[k+1]]``
+    (ascending p: the launcher's stable sort). Grid ``(K, cdiv(D, BLOCK_D))``; each program loops
+    over its row's pairs in BLOCK_P steps, sums, and stores its ``out [K, D]`` block once (every
+    row and column is written, zeros for a row without pairs; no atomics).
+    """
+    k = tl.program_id(0).to(tl.int64)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_d = offs_d < D
+    start = tl.load(offsets_ptr + k)
+    end = tl.load(offsets_ptr + k + 1)
+    acc = tl.zeros([BLOCK_D], dtype=ACC)
+    for p0 in range(start, end, BLOCK_P):
+        idx = p0 + tl.arange(0, BLOCK_P)
+        m = idx < end
+        pair = tl.load(order_ptr + idx, mask=m, other=0).to(tl.int64)
+        other = tl.load(pairs_ptr + pair * s_pp + OTHER_COL * s_pc, mask=m, other=0).to(tl.int64)
+        dg = _dg_tile(grad_ptr, weight_ptr, pair, m, offs_d, mask_d, C, s_gp, s_gc, s_wc, ACC, DOT_NATIVE, BLOCK_C)
+        t = dg * _load_rows(other_ptr, other, m, offs_d, mask_d, s_xk, ACC)
+        if HAS_UNION:
+            t = t * _load_union(union_ptr, pair, m, offs_d, DU, s_up, ACC)
+        acc += tl.sum(t, axis=0)
+    tl.store(out_ptr + k * D + offs_d, acc.to(out_ptr.dtype.element_ty), mask=mask_d)
+
+
+@triton.jit
+def _fusion_dunion_kernel(
+    grad_ptr, subj_ptr, obj_ptr, pairs_ptr, weight_ptr, out_ptr,
+    P, K, C, DU,
+    s_gp, s_gc, s_sk, s_ok, s_pp, s_pc, s_wc,
+    ACC: tl.constexpr, DOT_NATIVE: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """d union_p = (dg_p * subj[s_p] * obj[o_p])[:Du] (0 for invalid pairs). Grid
+    ``(cdiv(P, BLOCK_P), cdiv(Du, BLOCK_D))``; ``out`` contiguous ``[P, Du]``."""
+    offs_p = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_p = offs_p < P
+    mask_d = offs_d < DU
+    valid, s, o = _load_pairs(pairs_ptr, offs_p, mask_p, s_pp, s_pc, K)
+    # dg over the padded tile, invalid rows zeroed after the dot (masking the G load with `valid`
+    # instead trips a layout-propagation bug of triton 3.6's sm_90 pipeline on the shared select)
+    dg = _dg_tile(grad_ptr, weight_ptr, offs_p, mask_p, offs_d, mask_d, C, s_gp, s_gc, s_wc, ACC, DOT_NATIVE, BLOCK_C)
+    du = dg * _load_rows(subj_ptr, s, valid, offs_d, mask_d, s_sk, ACC) * _load_rows(obj_ptr, o, valid, offs_d, mask_d, s_ok, ACC)
+    du = tl.where(valid[:, None], du, 0.0)
+    tl.store(out_ptr + offs_p[:, None] * DU + offs_d[None, :], du.to(out_ptr.dtype.element_ty),
+             mask=mask_p[:, None] & mask_d[None, :])

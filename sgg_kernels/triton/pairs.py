@@ -1,0 +1,220 @@
+"""Triton backend of pairwise_edge_fusion (LinkNet, NeurIPS'18, Eq. 12-14).
+
+Same functions, signatures, outputs and output dtypes as :mod:`sgg_kernels.reference.pairs`
+(the spec; its module docstring gives the backward formulas). The ``@triton.jit`` code is in
+:mod:`sgg_kernels.triton._pairs_kernels`; these are the plain-Python launchers that the op layer
+(:mod:`sgg_kernels.ops.pairs`) calls inside its ``torch.library`` custom ops.
+
+Design (``subj``/``obj`` ``[K, D]``, ``union`` ``[P, Du]``, ``weight`` ``[C, D]``; g_p =
+subj[s_p] * obj[o_p] * u_p is never materialised, every kernel recomputes its tiles):
+
+    function                        kernel    grid                              scratch (ACC dtype)
+    pairwise_edge_fusion            forward   (P tiles, C blocks)               -
+    pairwise_edge_fusion_backward   dweight   (D blocks, chunks of P tiles)     [chunks, C, D + 1]
+                                    drows x2  (K, D blocks), CSR by s / by o    order, offsets (int64)
+                                    dunion    (P tiles, Du blocks)              -
+
+The forward is a GEMM with a gather-multiply prologue (one ``[BLOCK_P, BLOCK_D]`` g tile at a
+time). The backward is deterministic, with no float atomics: d weight / d bias are per-chunk
+partials summed by torch over the chunk axis (chunking depends on the shapes only: it targets 2
+waves of an H100's 132 SMs, not the device present); d subj / d obj gather each row's pairs
+from a CSR built with a stable sort (on-device, no host sync), so every output row is written by
+one program in ascending pair order; d union is per pair. dg = G W is recomputed by the three
+gradient kernels that need it (3 P C D extra multiply-adds, against O(P D) memory saved).
+
+Pairs with an index outside ``[0, K)`` are never read: their g is 0 (logits = bias), so their
+gradient reaches d bias and nothing else. Empty inputs (P = 0, K = 0, C = 0) launch nothing empty.
+
+fp16/bf16 inputs run their dots on fp16/bf16 operands with fp32 accumulation (``DOT_NATIVE``)
+on a GPU only; the interpreter (bf16 dots are wrong there) takes the fp32 path. float64 inputs
+accumulate and dot in float64. Tuning knobs are module globals (``_BLOCK_P``, ``_MAX_BLOCK_D``,
+...) so tests can shrink the blocks to exercise multi-block paths in the interpreter.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ._pairs_kernels import (
+    _fusion_drows_kernel,
+    _fusion_dunion_kernel,
+    _fusion_dweight_kernel,
+    _fusion_forward_kernel,
+)
+
+# ---------------------------------------------------------------------------------------------
+# Configuration: one fixed config (the interpreter cannot autotune), chosen by compiling every
+# kernel for sm_90 with ptxas at the benchmark sizes (K = 100, P = 2,400 and K = 320, P = 25,280;
+# D = Du = 4096, C = 51): the largest tiles that compile without register spills.
+# ---------------------------------------------------------------------------------------------
+_BLOCK_P = 64  # pairs per tile: forward, d weight, d union
+_BLOCK_P_ROWS = 32  # pairs per step of one row's CSR list (d subj / d obj): ~24-80 pairs per box
+_MAX_BLOCK_C = 64  # C = 51 is one block
+_MAX_BLOCK_D = 64
+_BLOCK_P_FP64 = 32  # fp64 tiles are twice the bytes
+_BLOCK_P_DWEIGHT_FMA = 32  # d weight's dot reduces over pairs: a shorter reduction for the FMA (fp32/fp64) dot
+_MAX_BLOCK_D_FP64 = 32
+_NUM_WARPS = 8
+_NUM_STAGES = 2  # forward and d union
+_NUM_STAGES_LOOP = 1  # d weight and d subj/obj: their pipelined variants spilled
+_TARGET_PROGRAMS = 2 * 132  # d weight: two waves of an H100's 132 SMs; fixed so chunking depends on shapes only
+_MIN_TILES_PER_CHUNK = 2  # a chunk's [C, BLOCK_D] partial should cost much less than its g tiles
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _acc(dtype: torch.dtype) -> Tuple[tl.dtype, torch.dtype]:
+    """Accumulation dtype: float64 for float64 inputs, else float32 (reference ``_acc_dtype``)."""
+    return (tl.float64, torch.float64) if dtype == torch.float64 else (tl.float32, torch.float32)
+
+
+def _pow2(n: int, cap: int) -> int:
+    """A block size for extent n: a power of two in [16, cap] (tl.dot needs every dim >= 16)."""
+    return max(16, min(triton.next_power_of_2(max(int(n), 1)), cap))
+
+
+def _blocks(C: int, D: int, acc: torch.dtype) -> Tuple[int, int, int]:
+    """(BLOCK_P, BLOCK_C, BLOCK_D) for the pair-tiled kernels."""
+    fp64 = acc == torch.float64
+    block_p = max(16, _BLOCK_P_FP64 if fp64 else _BLOCK_P)
+    return block_p, _pow2(C, _MAX_BLOCK_C), _pow2(D, _MAX_BLOCK_D_FP64 if fp64 else _MAX_BLOCK_D)
+
+
+def _native(dtype: torch.dtype) -> bool:
+    """Whether dots may run on fp16/bf16 operands (fp32 accumulation): on a GPU only."""
+    return (not _interpret()) and dtype in (torch.float16, torch.bfloat16)
+
+
+def _chunking(P: int, block_p: int, n_db: int) -> Tuple[int, int]:
+    """(n_chunks, tiles_per_chunk) of the d weight grid ``(n_db, n_chunks)``: ~_TARGET_PROGRAMS
+    programs, each chunk at least _MIN_TILES_PER_CHUNK tiles; a function of the shapes alone."""
+    n_tiles = triton.cdiv(P, block_p)
+    want = max(1, triton.cdiv(_TARGET_PROGRAMS, n_db))
+    per_chunk = max(_MIN_TILES_PER_CHUNK, triton.cdiv(n_tiles, want))
+    return triton.cdiv(n_tiles, per_chunk), per_chunk
+
+
+def _union_args(union: Optional[Tensor], like: Tensor) -> Tuple[Tensor, int, int]:
+    """(tensor, Du, row stride): a dummy pointer with Du = 0 when there are no union features."""
+    if union is None:
+        return like, 0, 0
+    return union, union.shape[1], union.stride(0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Eq. 12-14
+# ---------------------------------------------------------------------------------------------
+def pairwise_edge_fusion(subj: Tensor, obj: Tensor, union: Optional[Tensor], pairs: Tensor, weight: Tensor,
+                         bias: Optional[Tensor]) -> Tensor:
+    """Eq. 12-14: ``logits [P, C] = g W^T + bias`` with g_p = subj[s_p] * obj[o_p] * u_p, in the
+    input dtype. One launch; never more than a ``BLOCK_P x BLOCK_D`` tile of g."""
+    K, D = subj.shape
+    P, C = pairs.shape[0], weight.shape[0]
+    out = torch.empty((P, C), dtype=subj.dtype, device=subj.device)
+    if P == 0 or C == 0:
+        return out
+    acc_tl, acc = _acc(subj.dtype)
+    block_p, block_c, block_d = _blocks(C, D, acc)
+    u, du, s_up = _union_args(union, subj)
+    has_bias = bias is not None
+    grid = (triton.cdiv(P, block_p), triton.cdiv(C, block_c))
+    _fusion_forward_kernel[grid](
+        subj, obj, u, pairs, weight, bias if has_bias else weight, out,
+        P, K, C, D, du,
+        subj.stride(0), obj.stride(0), s_up, *pairs.stride(), weight.stride(0),
+        ACC=acc_tl, HAS_UNION=union is not None, HAS_BIAS=has_bias, DOT_NATIVE=_native(subj.dtype),
+        BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_D=block_d,
+        num_warps=_NUM_WARPS, num_stages=_NUM_STAGES,
+    )
+    return out
+
+
+def _csr(key: Tensor, K: int) -> Tuple[Tensor, Tensor]:
+    """``(order [P], offsets [K + 1])``: the pairs with key k (in [0, K]; K = invalid, dropped)
+    are ``order[offsets[k]:offsets[k + 1]]``, in ascending pair order (stable sort). On-device,
+    no host sync (searchsorted on the sorted keys: no atomics either)."""
+    sorted_key, order = torch.sort(key, stable=True)
+    bounds = torch.arange(K + 1, dtype=key.dtype, device=key.device)
+    return order, torch.searchsorted(sorted_key, bounds)
+
+
+def pairwise_edge_fusion_backward(grad: Tensor, subj: Tensor, obj: Tensor, union: Optional[Tensor], pairs: Tensor,
+                                  weight: Tensor, has_bias: bool):
+    """``(d subj [K, D], d obj [K, D], d union [P, Du] | empty, d weight [C, D], d bias [C] | empty)``,
+    formulas in the reference module docstring. Four launches (d weight + d bias, d subj, d obj,
+    d union) plus two stable sorts for the CSRs; deterministic."""
+    K, D = subj.shape
+    P, C = pairs.shape[0], weight.shape[0]
+    dev = subj.device
+    acc_tl, acc = _acc(subj.dtype)
+    block_p, block_c, block_d = _blocks(C, D, acc)
+    native = _native(subj.dtype)
+    u, du, s_up = _union_args(union, subj)
+    has_union = union is not None
+    d_subj = torch.empty((K, D), dtype=subj.dtype, device=dev)
+    d_obj = torch.empty((K, D), dtype=obj.dtype, device=dev)
+    d_union = torch.empty((P, du), dtype=union.dtype, device=dev) if has_union else subj.new_empty((0,))
+    if P == 0 or C == 0:
+        d_subj.zero_()
+        d_obj.zero_()
+        d_union.zero_()
+        d_weight = torch.zeros((C, D), dtype=weight.dtype, device=dev)
+        d_bias = torch.zeros((C,), dtype=weight.dtype, device=dev) if has_bias else subj.new_empty((0,))
+        return d_subj, d_obj, d_union, d_weight, d_bias
+    s_gp, s_gc = grad.stride()
+    s_pp, s_pc = pairs.stride()
+
+    # d weight, d bias: per-chunk partials, summed over chunks by torch (fixed order).
+    block_p_dw = block_p if native else max(16, min(block_p, _BLOCK_P_DWEIGHT_FMA))
+    n_db = max(1, triton.cdiv(D, block_d))
+    n_chunks, per_chunk = _chunking(P, block_p_dw, n_db)
+    part = torch.empty((n_chunks, C, D), dtype=acc, device=dev)
+    part_b = torch.empty((n_chunks, C), dtype=acc, device=dev) if has_bias else part
+    _fusion_dweight_kernel[(n_db, n_chunks)](
+        grad, subj, obj, u, pairs, part, part_b,
+        P, K, C, D, du, per_chunk,
+        s_gp, s_gc, subj.stride(0), obj.stride(0), s_up, s_pp, s_pc,
+        ACC=acc_tl, HAS_UNION=has_union, HAS_BIAS=has_bias, DOT_NATIVE=native,
+        BLOCK_P=block_p_dw, BLOCK_C=block_c, BLOCK_D=block_d,
+        num_warps=_NUM_WARPS, num_stages=_NUM_STAGES_LOOP,
+    )
+    d_weight = part.sum(dim=0).to(weight.dtype)
+    d_bias = part_b.sum(dim=0).to(weight.dtype) if has_bias else subj.new_empty((0,))
+
+    # d subj / d obj: CSR of the valid pairs by subject / by object, one program per (row, D block).
+    if K > 0 and D > 0:
+        s, o = pairs[:, 0], pairs[:, 1]
+        valid = (s >= 0) & (s < K) & (o >= 0) & (o < K)
+        invalid = torch.full_like(s, K)
+        block_rows = max(16, _BLOCK_P_ROWS)
+        for self_col, other, out in ((0, obj, d_subj), (1, subj, d_obj)):
+            order, offsets = _csr(torch.where(valid, pairs[:, self_col], invalid), K)
+            _fusion_drows_kernel[(K, triton.cdiv(D, block_d))](
+                grad, other, u, pairs, weight, order, offsets, out,
+                C, D, du,
+                s_gp, s_gc, other.stride(0), s_up, s_pp, s_pc, weight.stride(0),
+                OTHER_COL=1 - self_col, ACC=acc_tl, HAS_UNION=has_union, DOT_NATIVE=native,
+                BLOCK_P=block_rows, BLOCK_C=block_c, BLOCK_D=block_d,
+                num_warps=_NUM_WARPS, num_stages=_NUM_STAGES_LOOP,
+            )
+
+    if has_union and du > 0:
+        _fusion_dunion_kernel[(triton.cdiv(P, block_p), triton.cdiv(du, _pow2(du, block_d)))](
+            grad, subj, obj, pairs, weight, d_union,
+            P, K, C, du,
+            s_gp, s_gc, subj.stride(0), obj.stride(0), s_pp, s_pc, weight.stride(0),
+            ACC=acc_tl, DOT_NATIVE=native,
+            BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_D=_pow2(du, block_d),
+            num_warps=_NUM_WARPS, num_stages=_NUM_STAGES,
+        )
+    return d_subj, d_obj, d_union, d_weight, d_bias
+
+
+__all__ = ["pairwise_edge_fusion", "pairwise_edge_fusion_backward"]
