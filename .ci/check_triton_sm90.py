@@ -23,6 +23,9 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 import sgg_kernels.triton.cluster as launchers  # noqa: E402
+import sgg_kernels.triton.pairs as pair_launchers  # noqa: E402
+
+LAUNCHER_MODULES = (launchers, pair_launchers)  # every module whose `_..._kernel` attributes get wrapped
 
 TARGET = GPUTarget("cuda", 90, 32)
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/ptxas")
@@ -106,16 +109,38 @@ def launch_all(rec, B, M, C, D, dtype, sigmoid):
     launchers.cluster_dispatch_backward(f, c, assign, sim, True)
 
 
+def launch_pairs(rec, K, P, D, C, Du, dtype, strided):
+    """pairwise_edge_fusion forward and backward at one size, with and without union and bias."""
+    rec.tag = f"K{K} P{P} D{D} C{C} Du{Du} {DTYPE[dtype]}{' strided' if strided else ''}"
+    if strided:
+        e = torch.zeros(K, 2 * D, dtype=dtype)
+        subj, obj = e[:, :D], e[:, D:]
+    else:
+        subj, obj = torch.zeros(K, D, dtype=dtype), torch.zeros(K, D, dtype=dtype)
+    pairs = torch.zeros(P, 2, dtype=torch.int64)
+    union = torch.zeros(P, Du, dtype=dtype)
+    weight, bias, grad = torch.zeros(C, D, dtype=dtype), torch.zeros(C, dtype=dtype), torch.zeros(P, C, dtype=dtype)
+    for u in (union, None):
+        for b in (bias, None):
+            pair_launchers.pairwise_edge_fusion(subj, obj, u, pairs, weight, b)
+            pair_launchers.pairwise_edge_fusion_backward(grad, subj, obj, u, pairs, weight, b is not None)
+
+
 def main() -> int:
     rec = Recorder()
-    for name in dir(launchers):
-        if name.startswith("_") and name.endswith("_kernel"):
-            setattr(launchers, name, rec.wrap(getattr(launchers, name)))
+    for module in LAUNCHER_MODULES:
+        for name in dir(module):
+            if name.startswith("_") and name.endswith("_kernel"):
+                setattr(module, name, rec.wrap(getattr(module, name)))
     for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
         launch_all(rec, 16, 6144, 49, 64, dtype, False)   # paper
         launch_all(rec, 16, 6144, 49, 64, dtype, True)
         launch_all(rec, 4, 24576, 81, 64, dtype, False)   # sgdet (two center blocks)
         launch_all(rec, 2, 130, 5, 257, dtype, True)      # odd: several D blocks
+    for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        launch_pairs(rec, 100, 2400, 4096, 51, 4096, dtype, True)    # paper (E1 halves)
+        launch_pairs(rec, 320, 25280, 4096, 51, 4096, dtype, False)  # sgdet
+        launch_pairs(rec, 7, 40, 257, 5, 100, dtype, True)           # odd: Du < D, C < 16
     print(f"check_triton_sm90: {len(rec.lines)} kernel variants compiled for sm_90, {len(rec.errors)} compile errors")
     return 1 if rec.errors else 0
 
