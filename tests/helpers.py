@@ -34,6 +34,20 @@ def backend_params(kernel_tables: Sequence, compiled_only: bool = True) -> List:
     return params
 
 
+def gradcheck_params(tables: dict, names: Sequence[str]) -> List:
+    """pytest params (backend, device, name) for gradcheck: the reference, then every compiled
+    backend of each op. ``names`` may carry a suffix after the op name (``cosine_assign_plain``):
+    the table is looked up by the longest op name it starts with."""
+    params = []
+    for name in names:
+        op = max((op for op in tables if name.startswith(op)), key=len)
+        params.append(pytest.param("reference", "cpu", name, id=f"reference-cpu-{name}"))
+        for p in backend_params(tables[op]):
+            backend, device = p.values
+            params.append(pytest.param(backend, device, name, marks=p.marks, id=f"{p.id}-{name}"))
+    return params
+
+
 def require(kernel_tables: Sequence, backend: str, device: str) -> None:
     """Skip (visibly) if ``backend`` cannot run on ``device`` here; fail if the build is broken."""
     if device == "cuda" and not HAS_CUDA:

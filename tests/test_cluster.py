@@ -14,7 +14,7 @@ import sgg_kernels as sk
 from sgg_kernels.ops import cluster as ops
 from sgg_kernels.reference import cluster as ref
 
-from helpers import assert_close, backend_params, require, run_with_grads, to_ref
+from helpers import assert_close, backend_params, gradcheck_params, require, run_with_grads, to_ref
 
 K = ops.KERNELS
 SHAPES = [  # (B, M, C, D)
@@ -437,19 +437,7 @@ GRADCHECK_OPS = ["knn_center_features", "gather_mean", "cosine_assign", "cosine_
                  "cluster_aggregate", "superpixel_cluster", "cluster_dispatch"]
 
 
-def _gradcheck_params():
-    """(backend, device, op) for the reference and every compiled kernel each op has."""
-    params = []
-    for name in GRADCHECK_OPS:
-        table = K[name.replace("_plain", "")]
-        params.append(pytest.param("reference", "cpu", name, id=f"reference-cpu-{name}"))
-        for p in backend_params(table):
-            backend, device = p.values
-            params.append(pytest.param(backend, device, name, marks=p.marks, id=f"{p.id}-{name}"))
-    return params
-
-
-@pytest.mark.parametrize("backend,device,name", _gradcheck_params())
+@pytest.mark.parametrize("backend,device,name", gradcheck_params(K, GRADCHECK_OPS))
 def test_gradcheck(backend, device, name):
     if backend != "reference":
         require(K[name.replace("_plain", "")], backend, device)

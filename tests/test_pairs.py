@@ -15,7 +15,7 @@ import sgg_kernels as sk
 from sgg_kernels.ops import pairs as ops
 from sgg_kernels.reference import pairs as ref
 
-from helpers import HAS_CUDA, assert_close, backend_params, require, run_with_grads, to_ref
+from helpers import HAS_CUDA, assert_close, backend_params, gradcheck_params, require, run_with_grads, to_ref
 
 K = ops.KERNELS
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
@@ -536,17 +536,7 @@ def _gradcheck_cases(device):
     }
 
 
-def _gradcheck_params():
-    params = []
-    for name in K:
-        params.append(pytest.param("reference", "cpu", name, id=f"reference-cpu-{name}"))
-        for p in backend_params(K[name]):
-            backend, device = p.values
-            params.append(pytest.param(backend, device, name, marks=p.marks, id=f"{p.id}-{name}"))
-    return params
-
-
-@pytest.mark.parametrize("backend,device,name", _gradcheck_params())
+@pytest.mark.parametrize("backend,device,name", gradcheck_params(K, list(K)))
 def test_gradcheck(backend, device, name):
     if backend != "reference":
         require(K[name], backend, device)
