@@ -121,3 +121,28 @@ def test_gradcheck_through_gaussian_kernels(union_frame):
         return ref.pair_mask_conv(masks, pairs, kernels)
 
     assert torch.autograd.gradcheck(fn, (masks, params), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+def test_public_functions_and_bad_inputs():
+    import sgg_kernels as sk
+
+    params = torch.zeros(2, 4, 3, requires_grad=True)
+    k = sk.gaussian_kernels(params, 5)
+    assert k.shape == (2, 4, 5, 5)
+    k[..., 2, 3].sum().backward()
+    assert params.grad is not None and torch.isfinite(params.grad).all()
+    logits, sim = torch.randn(3, 4, 6, 6), torch.softmax(torch.randn(5, 4), 1)
+    assert sk.transfer_masks(logits, sim, torch.tensor([0, 4, 2])).shape == (3, 6, 6)
+    cases = [
+        (lambda: sk.gaussian_kernels(torch.zeros(2, 2)), ValueError, "params"),
+        (lambda: sk.gaussian_kernels(torch.zeros(2, 3, dtype=torch.int64)), TypeError, "params"),
+        (lambda: sk.gaussian_kernels(torch.zeros(3), 4), ValueError, "odd"),
+        (lambda: sk.gaussian_kernels(torch.zeros(3), 0), ValueError, "odd"),
+        (lambda: sk.transfer_masks(logits, sim[:, :3], torch.tensor([0, 1, 2])), ValueError, "similarity"),
+        (lambda: sk.transfer_masks(logits, sim, torch.tensor([0, 1])), ValueError, "labels"),
+        (lambda: sk.transfer_masks(logits, sim, torch.tensor([0, 1, 5])), IndexError, "labels"),
+        (lambda: sk.transfer_masks(logits[0], sim, torch.tensor([0, 1, 2])), ValueError, "mask_logits"),
+    ]
+    for call, error, match in cases:
+        with pytest.raises(error, match=match):
+            call()
