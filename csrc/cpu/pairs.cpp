@@ -73,6 +73,47 @@ inline void union_box(const B* bs, const B* bo, T* u) {
   u[3] = nan_max(static_cast<T>(bs[3]), static_cast<T>(bo[3]));
 }
 
+// The scaffold of the box backwards (union_boxes, pair_geometry): d boxes [K, 4] in the boxes'
+// dtype, accumulated in acc by contribution(pass, s, o, bs, bo, G, sum) for every valid pair
+// (bs/bo: the boxes' rows, G: the pair's grad row in acc, sum: [K, 4] in acc). Serial (tiny work),
+// in the reference's order: pass 0 (the subjects) over the pairs in order, then pass 1 (the
+// objects), as its two index_adds.
+template <typename Contribution>
+at::Tensor box_backward(const char* op, const at::Tensor& grad_in, const at::Tensor& boxes_in,
+                        const at::Tensor& pairs_in, const Contribution& contribution) {
+  check_boxes(op, boxes_in);
+  check_pairs(op, pairs_in);
+  const int64_t K = boxes_in.size(0), P = pairs_in.size(0);
+  TORCH_CHECK(grad_in.dim() == 2 && grad_in.size(0) == P && grad_in.size(1) == 4, op, ": grad must be [P, 4] = [", P,
+              ", 4], got ", grad_in.sizes());
+  at::Tensor out = at::empty({K, 4}, boxes_in.options());
+  if (K == 0) {
+    return out;
+  }
+  const at::Tensor boxes = boxes_in.contiguous(), pairs = pairs_in.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, boxes.scalar_type(), "box_backward", [&] {
+    using acc_t = acc_type<scalar_t>;
+    const at::Tensor grad = grad_in.to(acc_dtype<scalar_t>()).contiguous();
+    const acc_t* g = grad.const_data_ptr<acc_t>();
+    const scalar_t* b = boxes.const_data_ptr<scalar_t>();
+    const int64_t* pr = pairs.const_data_ptr<int64_t>();
+    std::vector<acc_t> sum(4 * K, acc_t(0));
+    for (int pass = 0; pass < 2; ++pass) {  // 0: to the subjects, 1: to the objects
+      for (int64_t p = 0; p < P; ++p) {
+        int64_t s, o;
+        if (pair_at(pr, p, K, s, o)) {
+          contribution(pass, s, o, b + 4 * s, b + 4 * o, g + 4 * p, sum.data());
+        }
+      }
+    }
+    scalar_t* dst = out.mutable_data_ptr<scalar_t>();
+    for (int64_t i = 0; i < 4 * K; ++i) {
+      dst[i] = static_cast<scalar_t>(sum[i]);
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------
@@ -111,49 +152,19 @@ at::Tensor union_boxes(const at::Tensor& boxes_in, const at::Tensor& pairs_in) {
 }
 
 // d boxes of union_boxes: each coordinate's gradient goes to the box attaining the min/max (the
-// subject on ties), summed over pairs. Serial over pairs (tiny), in the reference's order: all
-// subject contributions in pair order, then all object contributions.
+// subject on ties), summed over pairs (box_backward's order).
 at::Tensor union_boxes_backward(const at::Tensor& grad_in, const at::Tensor& boxes_in, const at::Tensor& pairs_in) {
-  check_boxes("union_boxes_backward", boxes_in);
-  check_pairs("union_boxes_backward", pairs_in);
-  const int64_t K = boxes_in.size(0), P = pairs_in.size(0);
-  TORCH_CHECK(grad_in.dim() == 2 && grad_in.size(0) == P && grad_in.size(1) == 4,
-              "union_boxes_backward: grad must be [P, 4] = [", P, ", 4], got ", grad_in.sizes());
-  at::Tensor out = at::empty({K, 4}, boxes_in.options());
-  if (K == 0) {
-    return out;
-  }
-  const at::Tensor boxes = boxes_in.contiguous(), pairs = pairs_in.contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, boxes.scalar_type(), "union_boxes_backward", [&] {
-    using acc_t = acc_type<scalar_t>;
-    const at::Tensor grad = grad_in.to(acc_dtype<scalar_t>()).contiguous();
-    const acc_t* g = grad.const_data_ptr<acc_t>();
-    const scalar_t* b = boxes.const_data_ptr<scalar_t>();
-    const int64_t* pr = pairs.const_data_ptr<int64_t>();
-    std::vector<acc_t> sum(4 * K, acc_t(0));
-    for (int pass = 0; pass < 2; ++pass) {  // 0: to the subjects, 1: to the objects
-      for (int64_t p = 0; p < P; ++p) {
-        int64_t s, o;
-        if (!pair_at(pr, p, K, s, o)) {
-          continue;
-        }
-        const scalar_t* bs = b + 4 * s;
-        const scalar_t* bo = b + 4 * o;
-        for (int c = 0; c < 4; ++c) {
-          const acc_t vs = static_cast<acc_t>(bs[c]), vo = static_cast<acc_t>(bo[c]);
-          const bool to_subject = c < 2 ? vs <= vo : vs >= vo;
-          if (to_subject == (pass == 0)) {
-            sum[4 * (pass == 0 ? s : o) + c] += g[4 * p + c];
-          }
-        }
-      }
-    }
-    scalar_t* dst = out.mutable_data_ptr<scalar_t>();
-    for (int64_t i = 0; i < 4 * K; ++i) {
-      dst[i] = static_cast<scalar_t>(sum[i]);
-    }
-  });
-  return out;
+  return box_backward("union_boxes_backward", grad_in, boxes_in, pairs_in,
+                      [](int pass, int64_t s, int64_t o, const auto* bs, const auto* bo, const auto* G, auto* sum) {
+                        using acc_t = std::remove_const_t<std::remove_pointer_t<decltype(G)>>;
+                        for (int c = 0; c < 4; ++c) {
+                          const acc_t vs = static_cast<acc_t>(bs[c]), vo = static_cast<acc_t>(bo[c]);
+                          const bool to_subject = c < 2 ? vs <= vo : vs >= vo;
+                          if (to_subject == (pass == 0)) {
+                            sum[4 * (pass == 0 ? s : o) + c] += G[c];
+                          }
+                        }
+                      });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -218,45 +229,22 @@ at::Tensor pair_geometry(const at::Tensor& boxes_in, const at::Tensor& pairs_in)
 // d boxes of Eq. 17 (formulas in the reference's module docstring), G = grad [P, 4]:
 //   g_cx_o = G0/w_s, g_cx_s = -G0/w_s, g_w_s = -G0 (cx_o-cx_s)/w_s^2 - G2/w_s, g_w_o = G2/w_o (y/h
 //   likewise), g_w = 0 where the raw size < 1e-6 (the clamp); d x1 = g_cx/2 - g_w, d x2 = g_cx/2 + g_w.
-// Serial over pairs (tiny): subject contributions in pair order, then object contributions.
 at::Tensor pair_geometry_backward(const at::Tensor& grad_in, const at::Tensor& boxes_in, const at::Tensor& pairs_in) {
-  check_boxes("pair_geometry_backward", boxes_in);
-  check_pairs("pair_geometry_backward", pairs_in);
-  const int64_t K = boxes_in.size(0), P = pairs_in.size(0);
-  TORCH_CHECK(grad_in.dim() == 2 && grad_in.size(0) == P && grad_in.size(1) == 4,
-              "pair_geometry_backward: grad must be [P, 4] = [", P, ", 4], got ", grad_in.sizes());
-  at::Tensor out = at::empty({K, 4}, boxes_in.options());
-  if (K == 0) {
-    return out;
-  }
-  const at::Tensor boxes = boxes_in.contiguous(), pairs = pairs_in.contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, boxes.scalar_type(), "pair_geometry_backward", [&] {
-    using acc_t = acc_type<scalar_t>;
-    const at::Tensor grad = grad_in.to(acc_dtype<scalar_t>()).contiguous();
-    const acc_t* g = grad.const_data_ptr<acc_t>();
-    const scalar_t* b = boxes.const_data_ptr<scalar_t>();
-    const int64_t* pr = pairs.const_data_ptr<int64_t>();
-    const acc_t eps = static_cast<acc_t>(kSizeEps);
-    std::vector<acc_t> sum(4 * K, acc_t(0));
-    // box_grad of the reference: chain rule through c = (x1 + x2) / 2, w = x2 - x1.
-    auto add = [&](int64_t k, acc_t g_cx, acc_t g_cy, acc_t g_w, acc_t g_h) {
-      acc_t* d = sum.data() + 4 * k;
-      d[0] += g_cx / 2 - g_w;
-      d[1] += g_cy / 2 - g_h;
-      d[2] += g_cx / 2 + g_w;
-      d[3] += g_cy / 2 + g_h;
-    };
-    for (int pass = 0; pass < 2; ++pass) {  // 0: to the subjects, 1: to the objects
-      for (int64_t p = 0; p < P; ++p) {
-        int64_t s, o;
-        if (!pair_at(pr, p, K, s, o)) {
-          continue;
-        }
-        const scalar_t* bs = b + 4 * s;
-        const scalar_t* bo = b + 4 * o;
+  return box_backward(
+      "pair_geometry_backward", grad_in, boxes_in, pairs_in,
+      [](int pass, int64_t s, int64_t o, const auto* bs, const auto* bo, const auto* G, auto* sum) {
+        using acc_t = std::remove_const_t<std::remove_pointer_t<decltype(G)>>;
+        const acc_t eps = static_cast<acc_t>(kSizeEps);
+        // box_grad of the reference: chain rule through c = (x1 + x2) / 2, w = x2 - x1.
+        auto add = [&](int64_t k, acc_t g_cx, acc_t g_cy, acc_t g_w, acc_t g_h) {
+          acc_t* d = sum + 4 * k;
+          d[0] += g_cx / 2 - g_w;
+          d[1] += g_cy / 2 - g_h;
+          d[2] += g_cx / 2 + g_w;
+          d[3] += g_cy / 2 + g_h;
+        };
         const AxisGeom<acc_t> xs = axis_geom<acc_t>(bs[0], bs[2]), ys = axis_geom<acc_t>(bs[1], bs[3]);
         const AxisGeom<acc_t> xo = axis_geom<acc_t>(bo[0], bo[2]), yo = axis_geom<acc_t>(bo[1], bo[3]);
-        const acc_t* G = g + 4 * p;
         const acc_t g_cxo = G[0] / xs.w, g_cyo = G[1] / ys.w;
         if (pass == 0) {
           acc_t g_ws = -G[0] * (xo.c - xs.c) / (xs.w * xs.w) - G[2] / xs.w;
@@ -269,14 +257,7 @@ at::Tensor pair_geometry_backward(const at::Tensor& grad_in, const at::Tensor& b
           const acc_t g_ho = yo.w_raw >= eps ? G[3] / yo.w : acc_t(0);
           add(o, g_cxo, g_cyo, g_wo, g_ho);
         }
-      }
-    }
-    scalar_t* dst = out.mutable_data_ptr<scalar_t>();
-    for (int64_t i = 0; i < 4 * K; ++i) {
-      dst[i] = static_cast<scalar_t>(sum[i]);
-    }
-  });
-  return out;
+      });
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <optional>
+#include <type_traits>
 
 namespace sgg_kernels {
 namespace {
@@ -473,9 +474,14 @@ at::Tensor union_boxes_cuda(const at::Tensor& boxes, const at::Tensor& pairs) {
   return out;
 }
 
-at::Tensor union_boxes_backward_cuda(const at::Tensor& grad, const at::Tensor& boxes, const at::Tensor& pairs) {
-  check_boxes_pairs("union_boxes_backward", boxes, pairs);
-  check_pair_grad("union_boxes_backward", grad, boxes, pairs);
+// The host side of the box backwards (union_boxes, pair_geometry): one thread per pair adds its
+// contributions into a [K, 4] float/double workspace with atomics (not bitwise deterministic),
+// then cast to the boxes' dtype. launch(grad, boxes, pairs, P, K, ws, stream) starts the kernel.
+template <typename Launch>
+at::Tensor box_backward_cuda(const char* op, const at::Tensor& grad, const at::Tensor& boxes, const at::Tensor& pairs,
+                             const Launch& launch) {
+  check_boxes_pairs(op, boxes, pairs);
+  check_pair_grad(op, grad, boxes, pairs);
   const int64_t K = boxes.size(0);
   const int64_t P = pairs.size(0);
   c10::cuda::CUDAGuard device_guard(boxes.device());
@@ -486,13 +492,22 @@ at::Tensor union_boxes_backward_cuda(const at::Tensor& grad, const at::Tensor& b
   const at::Tensor bx = boxes.contiguous();
   const at::Tensor pr = pairs.contiguous();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, bx.scalar_type(), "union_boxes_backward_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, bx.scalar_type(), "box_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    union_boxes_backward_kernel<scalar_t, acc_t><<<grid_for(P), kThreads, 0, stream>>>(
-        g.data_ptr<scalar_t>(), bx.data_ptr<scalar_t>(), pr.data_ptr<int64_t>(), P, K, ws.data_ptr<acc_t>());
+    launch(g.data_ptr<scalar_t>(), bx.data_ptr<scalar_t>(), pr.data_ptr<int64_t>(), P, K, ws.data_ptr<acc_t>(), stream);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return ws.to(boxes.scalar_type());
+}
+
+at::Tensor union_boxes_backward_cuda(const at::Tensor& grad, const at::Tensor& boxes, const at::Tensor& pairs) {
+  return box_backward_cuda("union_boxes_backward", grad, boxes, pairs,
+                           [](auto* g, auto* b, const int64_t* pr, int64_t P, int64_t K, auto* ws, cudaStream_t stream) {
+                             using scalar_t = std::remove_pointer_t<decltype(g)>;
+                             using acc_t = std::remove_pointer_t<decltype(ws)>;
+                             union_boxes_backward_kernel<scalar_t, acc_t><<<grid_for(P), kThreads, 0, stream>>>(
+                                 g, b, pr, P, K, ws);
+                           });
 }
 
 at::Tensor pair_geometry_cuda(const at::Tensor& boxes, const at::Tensor& pairs) {
@@ -515,25 +530,13 @@ at::Tensor pair_geometry_cuda(const at::Tensor& boxes, const at::Tensor& pairs) 
 }
 
 at::Tensor pair_geometry_backward_cuda(const at::Tensor& grad, const at::Tensor& boxes, const at::Tensor& pairs) {
-  check_boxes_pairs("pair_geometry_backward", boxes, pairs);
-  check_pair_grad("pair_geometry_backward", grad, boxes, pairs);
-  const int64_t K = boxes.size(0);
-  const int64_t P = pairs.size(0);
-  c10::cuda::CUDAGuard device_guard(boxes.device());
-  const at::ScalarType acc_type = at::toOpMathType(boxes.scalar_type());
-  at::Tensor ws = at::zeros({K, 4}, boxes.options().dtype(acc_type));
-  if (P == 0 || K == 0) return ws.to(boxes.scalar_type());  // no (valid) pair: zero gradient
-  const at::Tensor g = grad.contiguous();
-  const at::Tensor bx = boxes.contiguous();
-  const at::Tensor pr = pairs.contiguous();
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, bx.scalar_type(), "pair_geometry_backward_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    pair_geometry_backward_kernel<scalar_t, acc_t><<<grid_for(P), kThreads, 0, stream>>>(
-        g.data_ptr<scalar_t>(), bx.data_ptr<scalar_t>(), pr.data_ptr<int64_t>(), P, K, ws.data_ptr<acc_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-  return ws.to(boxes.scalar_type());
+  return box_backward_cuda("pair_geometry_backward", grad, boxes, pairs,
+                           [](auto* g, auto* b, const int64_t* pr, int64_t P, int64_t K, auto* ws, cudaStream_t stream) {
+                             using scalar_t = std::remove_pointer_t<decltype(g)>;
+                             using acc_t = std::remove_pointer_t<decltype(ws)>;
+                             pair_geometry_backward_kernel<scalar_t, acc_t><<<grid_for(P), kThreads, 0, stream>>>(
+                                 g, b, pr, P, K, ws);
+                           });
 }
 
 // Checks shared by roi_align and its backward; returns R, the number of RoIs (K, or P with pairs).

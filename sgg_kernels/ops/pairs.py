@@ -49,7 +49,8 @@ def _empty_grad(like: Tensor) -> Tensor:
 
 
 def _roi_boxes(boxes: Tensor, features: Tensor) -> Tensor:
-    """Box coordinates as the RoIAlign kernels read them: float64 for float64 features, else float32.
+    """Box coordinates as the RoIAlign kernels read them: float64 for float64 features (or their
+    float64 gradient), else float32.
 
     (Coordinates in half precision would be off by up to 0.5 px at 1000 px; torchvision keeps the
     boxes' precision too, via autocast's float32.)
@@ -219,8 +220,7 @@ def _(features, boxes, box_batch, pairs, pooled_h, pooled_w, spatial_scale, samp
 @torch.library.custom_op(f"{_LIB}::roi_align_backward", mutates_args=())
 def _roi_align_backward_op(grad: Tensor, boxes: Tensor, box_batch: Tensor, pairs: Optional[Tensor], B: int, H: int,
                            W: int, spatial_scale: float, sampling_ratio: int, aligned: bool) -> Tensor:
-    boxes = boxes.detach().to(torch.float64 if grad.dtype == torch.float64 else torch.float32).contiguous()
-    return _ROI_BWD(grad.device, grad.contiguous(), boxes, box_batch.contiguous(),
+    return _ROI_BWD(grad.device, grad.contiguous(), _roi_boxes(boxes, grad), box_batch.contiguous(),
                     None if pairs is None else pairs.contiguous(), B, H, W, spatial_scale, sampling_ratio, aligned)
 
 
