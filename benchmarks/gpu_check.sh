@@ -34,7 +34,7 @@ step env        bash -c "nvidia-smi; $PY -c 'import torch, triton; print(torch._
 step build      "$PY" -m pip install --no-build-isolation --no-deps -v -e .
 step info       "$PY" -m sgg_kernels.info
 step tests      "$PY" -m pytest tests -q -rs -p no:cacheprovider
-step sanitizer  compute-sanitizer --tool memcheck --error-exitcode 99 "$PY" -m pytest tests/test_cluster.py tests/test_pairs.py -q -p no:cacheprovider -k "cuda-cuda"
+step sanitizer  compute-sanitizer --tool memcheck --error-exitcode 99 "$PY" -m pytest tests/test_cluster.py tests/test_pairs.py tests/test_masks.py -q -p no:cacheprovider -k "cuda-cuda"
 step bench      "$PY" -m sgg_kernels.bench --device cuda --size "$SIZES" --no-progress
 cp benchmarks/results/*.json "$OUT_DIR/" 2>/dev/null || true
 

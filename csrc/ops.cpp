@@ -67,6 +67,13 @@ TORCH_LIBRARY(sgg_kernels, m) {
   m.def(
       "_pairwise_edge_fusion_backward(Tensor grad, Tensor subj, Tensor obj, Tensor? union_feats, Tensor pairs, "
       "Tensor weight, bool has_bias) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+
+  // family masks (segmentation-grounded SGG, Eq. 6); math and backward: sgg_kernels/reference/masks.py.
+  // out_size = 0 (and boxes None): the objects' own frames, [P, C, m, m]; else the union frame [P, C, R, R].
+  m.def("_pair_mask_conv(Tensor masks, Tensor pairs, Tensor kernels, Tensor? boxes, int out_size) -> Tensor");
+  m.def(
+      "_pair_mask_conv_backward(Tensor grad, Tensor masks, Tensor pairs, Tensor kernels, Tensor? boxes, "
+      "int out_size, bool need_masks, bool need_kernels) -> (Tensor, Tensor)");
 }
 
 }  // namespace sgg_kernels

@@ -20,7 +20,7 @@ from .ops.cluster import (
     knn_index,
     superpixel_cluster,
 )
-from .ops.masks import gaussian_kernels, transfer_masks
+from .ops.masks import gaussian_kernels, pair_mask_conv, transfer_masks
 from .ops.pairs import pair_geometry, pairwise_edge_fusion, roi_align, union_boxes, union_roi_align
 from .reference.cluster import grid_centers, grid_points
 from . import models  # noqa: E402  (thin nn.Modules over the ops above: sk.models.LinkNetHead, ...)
@@ -32,6 +32,6 @@ __all__ = [
     "grid_points", "grid_centers", "knn_index", "knn_center_features", "gather_mean",
     "cosine_assign", "cluster_aggregate", "superpixel_cluster", "cluster_dispatch",
     "pack_boxes", "pack_pairs", "all_pairs",
-    "gaussian_kernels", "transfer_masks",
+    "gaussian_kernels", "pair_mask_conv", "transfer_masks",
     "union_boxes", "pair_geometry", "roi_align", "union_roi_align", "pairwise_edge_fusion",
 ]

@@ -12,9 +12,9 @@ import sys
 import torch
 
 from . import _backend
-from .ops import cluster, pairs
+from .ops import cluster, masks, pairs
 
-FAMILIES = {"cluster": cluster.KERNELS, "pairs": pairs.KERNELS}
+FAMILIES = {"cluster": cluster.KERNELS, "pairs": pairs.KERNELS, "masks": masks.KERNELS}
 DEVICES = ("cpu", "cuda")
 
 

@@ -1,6 +1,6 @@
 """Thin ``nn.Module``s over the fused ops, one file per paper (DESIGN.md).
 
-    from sgg_kernels.models import LinkNetHead
+    from sgg_kernels.models import LinkNetHead, GaussianPairMasks
 """
 from .linknet import (
     GeometricLayoutEncoding,
@@ -9,7 +9,9 @@ from .linknet import (
     RelationalEmbedding,
     linknet_losses,
 )
+from .seg_grounding import EdgeGrounding, GaussianPairMasks, MaskRefinement, MaskTransfer, ObjectGrounding
 
 __all__ = [
     "RelationalEmbedding", "GlobalContextEncoding", "GeometricLayoutEncoding", "LinkNetHead", "linknet_losses",
+    "MaskTransfer", "ObjectGrounding", "GaussianPairMasks", "EdgeGrounding", "MaskRefinement",
 ]

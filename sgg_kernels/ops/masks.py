@@ -1,20 +1,33 @@
 """Gaussian pair-mask ops (segmentation-grounded SGG, ICCV'21, Sec. 2.3-2.6, Eq. 4 and 6).
 
-This module holds the family's plain-PyTorch functions, with argument checks: DESIGN.md has no
-kernels for them. :func:`gaussian_kernels` gives Eq. 6's kernels. :func:`transfer_masks` is Eq. 4
-for each object's own class.
-
-The fused ``pair_mask_conv`` op is not here yet: it needs C++/CUDA kernels. Its oracle is
-``sgg_kernels.reference.masks.pair_mask_conv``.
+- :func:`gaussian_kernels` gives Eq. 6's kernels and :func:`transfer_masks` is Eq. 4 for each
+  object's own class: plain PyTorch with argument checks (DESIGN.md has no kernels for them).
+- :func:`pair_mask_conv` is Eq. 6's fused op, ``sgg_kernels::pair_mask_conv``: a ``torch.library``
+  op with a fake kernel and an autograd formula whose backward is its own op
+  (``sgg_kernels::pair_mask_conv_backward``). Backends: ``reference``
+  (:mod:`sgg_kernels.reference.masks`, the spec), ``cpu`` (csrc/cpu/masks.cpp) and ``cuda``
+  (csrc/cuda/masks.cu). The kernels read each object's mask in place; the per-pair gathered or
+  convolved masks of the eager formulation never exist.
 """
 from __future__ import annotations
 
 import numbers
+from typing import Optional, Tuple
 
+import torch
 from torch import Tensor
 
 from .. import _checks
+from .._backend import Kernels, checks_enabled
 from ..reference import masks as ref
+
+_LIB = "sgg_kernels"
+
+_CONV = Kernels("masks", ref.pair_mask_conv, cpu="_pair_mask_conv", cuda="_pair_mask_conv")
+_CONV_BWD = Kernels("masks", ref.pair_mask_conv_backward, cpu="_pair_mask_conv_backward",
+                    cuda="_pair_mask_conv_backward")
+
+KERNELS = {"pair_mask_conv": (_CONV, _CONV_BWD)}
 
 
 def gaussian_kernels(params: Tensor, size: int = 7) -> Tensor:
@@ -63,3 +76,131 @@ def transfer_masks(mask_logits: Tensor, similarity: Tensor, labels: Tensor) -> T
     _checks.same_device([("mask_logits", mask_logits), ("similarity", similarity), ("labels", labels)])
     _checks.index_range(labels, "labels", similarity.shape[0], "d_g, the rows of similarity")
     return ref.transfer_masks(mask_logits, similarity, labels)
+
+
+# ---------------------------------------------------------------------------------------------
+# pair_mask_conv (Eq. 6)
+# ---------------------------------------------------------------------------------------------
+def _mask_boxes(boxes: Optional[Tensor], masks: Tensor) -> Optional[Tensor]:
+    """Box coordinates as the kernels read them: float64 for float64 masks, else float32."""
+    if boxes is None:
+        return None
+    dtype = torch.float64 if masks.dtype == torch.float64 else torch.float32
+    return boxes.detach().to(dtype).contiguous()
+
+
+def _check_conv_values(pairs: Tensor, K: int) -> None:
+    _checks.index_range(pairs, "pairs", K, "K, the number of masks")
+
+
+@torch.library.custom_op(f"{_LIB}::pair_mask_conv", mutates_args=())
+def _pair_mask_conv_op(masks: Tensor, pairs: Tensor, kernels: Tensor, boxes: Optional[Tensor],
+                       out_size: int) -> Tensor:
+    if checks_enabled():
+        _check_conv_values(pairs, masks.shape[0])
+    return _CONV(masks.device, masks.contiguous(), pairs.contiguous(), kernels.contiguous(),
+                 _mask_boxes(boxes, masks), out_size)
+
+
+@_pair_mask_conv_op.register_fake
+def _(masks, pairs, kernels, boxes, out_size):
+    side = out_size if boxes is not None else masks.shape[-1]
+    return masks.new_empty((pairs.shape[0], masks.shape[1], side, side))
+
+
+@torch.library.custom_op(f"{_LIB}::pair_mask_conv_backward", mutates_args=())
+def _pair_mask_conv_backward_op(grad: Tensor, masks: Tensor, pairs: Tensor, kernels: Tensor,
+                                boxes: Optional[Tensor], out_size: int, need_masks: bool,
+                                need_kernels: bool) -> Tuple[Tensor, Tensor]:
+    dm, dk = _CONV_BWD(masks.device, grad.contiguous(), masks.contiguous(), pairs.contiguous(), kernels.contiguous(),
+                       _mask_boxes(boxes, masks), out_size, need_masks, need_kernels)
+    return (dm if need_masks else masks.new_empty((0,))), (dk if need_kernels else kernels.new_empty((0,)))
+
+
+@_pair_mask_conv_backward_op.register_fake
+def _(grad, masks, pairs, kernels, boxes, out_size, need_masks, need_kernels):
+    dm = masks.new_empty(masks.shape if need_masks else (0,))
+    dk = kernels.new_empty(kernels.shape if need_kernels else (0,))
+    return dm, dk
+
+
+def _conv_setup(ctx, inputs, output):
+    masks, pairs, kernels, boxes, out_size = inputs
+    ctx.out_size = out_size
+    ctx.save_for_backward(masks, pairs, kernels, boxes)
+
+
+def _conv_bwd(ctx, grad):
+    masks, pairs, kernels, boxes = ctx.saved_tensors
+    need_masks, _, need_kernels = ctx.needs_input_grad[:3]
+    if not (need_masks or need_kernels):
+        return None, None, None, None, None
+    dm, dk = _pair_mask_conv_backward_op(grad, masks, pairs, kernels, boxes, ctx.out_size, need_masks, need_kernels)
+    return (dm if need_masks else None), None, (dk if need_kernels else None), None, None
+
+
+torch.library.register_autograd(f"{_LIB}::pair_mask_conv", _conv_bwd, setup_context=_conv_setup)
+for _device in ("cpu", "cuda"):
+    torch.library.register_autocast(f"{_LIB}::pair_mask_conv", _device, torch.float32)
+
+
+def pair_mask_conv(masks: Tensor, pairs: Tensor, kernels: Tensor, boxes: Optional[Tensor] = None,
+                   out_size: Optional[int] = None) -> Tensor:
+    """Eq. 6, fused: each pair's subject and object masks smoothed by their Gaussian kernels, multiplied.
+
+    out_p = (K_s (*) m_s) . (K_o (*) m_o), where (*) is ``F.conv2d``'s cross-correlation with zero
+    padding size//2 on every class channel. The kernels read each object's mask where it is and
+    write only the output: the per-pair gathered or convolved masks of the eager formulation
+    (4 tensors of the output's size) never exist.
+
+    Args:
+        masks (Tensor[K, C, m, m]): each object's masks over C classes (e.g. from
+            :func:`transfer_masks`), in the frame of its own box.
+        pairs (Tensor[P, 2] int64): (subject, object) indices into the K masks.
+        kernels (Tensor[P, 2, d, d] or Tensor[K, d, d]): from :func:`gaussian_kernels`, one per
+            pair and role (``[:, 0]`` subject, ``[:, 1]`` object: the authors' released code) or
+            one per object (the paper's text); d odd.
+        boxes (Tensor[K, 4] or None): (x1, y1, x2, y2) of each object. With ``out_size``, both
+            smoothed masks are resampled bilinearly into the pair's union box (zero outside their
+            own box; see :mod:`sgg_kernels.reference.masks` for the exact sampling) before the
+            product. Read in float32 (float64 for float64 masks); no gradient.
+        out_size (int or None): R, the side of the union-frame output; needs ``boxes``.
+
+    Returns:
+        Tensor[P, C, m, m], or Tensor[P, C, R, R] in the union frame; differentiable in ``masks``
+        (summed over every pair that uses an object) and ``kernels`` (so, through
+        :func:`gaussian_kernels`, in the Gaussian parameters).
+    """
+    _checks.tensor(masks, "masks", "K, C, m, m")
+    K, C, m, m2 = masks.shape
+    if m != m2:
+        raise ValueError(f"masks must be square [K, C, m, m] (each object's mask in its box frame), got {_checks._describe(masks)}")
+    _checks.tensor(pairs, "pairs", "P, 2", kind="index")
+    _checks.size(pairs, "pairs", 1, 2, "(subject, object)")
+    if not isinstance(kernels, Tensor) or kernels.dim() not in (3, 4):
+        got = _checks._describe(kernels) if isinstance(kernels, Tensor) else type(kernels).__name__
+        raise ValueError(f"kernels must be [P, 2, d, d] (per pair and role) or [K, d, d] (per object), got {got}")
+    dims = "P, 2, d, d" if kernels.dim() == 4 else "K, d, d"
+    _checks.tensor(kernels, "kernels", dims)
+    d = kernels.shape[-1]
+    if kernels.shape[-2] != d or d % 2 == 0:
+        raise ValueError(f"kernels must be square with an odd size d (the kernel has a centre), got {_checks._describe(kernels)}")
+    if kernels.dim() == 4:
+        _checks.size(kernels, "kernels", 0, pairs.shape[0], "P, the number of pairs (kernels per pair and role)")
+        _checks.size(kernels, "kernels", 1, 2, "(subject, object) roles")
+    else:
+        _checks.size(kernels, "kernels", 0, K, "K, the number of masks (kernels per object)")
+    named = [("masks", masks), ("pairs", pairs), ("kernels", kernels)]
+    if (boxes is None) != (out_size is None):
+        raise ValueError("boxes and out_size go together: pass both for the union-box frame, neither for the "
+                         f"objects' own frames (got boxes={'None' if boxes is None else 'a tensor'}, out_size={out_size!r})")
+    if boxes is not None:
+        _checks.tensor(boxes, "boxes", "K, 4")
+        _checks.size(boxes, "boxes", 0, K, "K, the number of masks")
+        _checks.size(boxes, "boxes", 1, 4, "(x1, y1, x2, y2)")
+        if not isinstance(out_size, numbers.Integral) or isinstance(out_size, bool) or out_size < 1:
+            raise ValueError(f"out_size must be a positive int (the side R of the union-frame output), got {out_size!r}")
+        named.append(("boxes", boxes))
+    _checks.same_device(named)
+    _checks.same_float_dtype([("masks", masks), ("kernels", kernels)])
+    return _pair_mask_conv_op(masks, pairs, kernels, boxes, int(out_size) if boxes is not None else 0)

@@ -1,6 +1,6 @@
 """Gaussian pair masks (segmentation-grounded SGG, ICCV'21, Sec. 2.3-2.6, Eq. 4 and 6) in plain PyTorch.
 
-The test oracle (and, once the op layer lands, the fallback) of family ``masks``. Written equation
+The test oracle and the fallback backend of family ``masks``. Written equation
 by equation, float64-safe, differentiable by autograd.
 
 **gaussian_kernels** (Eq. 6's K): params (log sx^2, log sy^2, raw rho) -> s = exp(v/2) clamped to
@@ -18,18 +18,33 @@ kernel (``[K, d, d]``, the paper's text). Masks stay in their own box frames; wi
     a smoothed mask of box b is read there bilinearly at mask coordinates
     ((x - b.x1) / w_b * m - 0.5, (y - b.y1) / h_b * m - 0.5), clamped to the mask's border
     (``grid_sample(align_corners=False, padding_mode="border")``), and is 0 where (x, y) lies
-    outside b (x < b.x1 or x > b.x2, same for y). Box sizes are clamped to at least 1e-6.
+    outside b (x < b.x1 or x > b.x2, same for y). Box sizes are clamped to at least 1e-6. Positions
+    are computed in float32 (float64 for float64 masks) whatever the masks' dtype.
+
+Backward, G = grad, S_p = K_s (*) m_s and O_p = K_o (*) m_o the smoothed masks, A_s / A_o the
+resamplings into the union frame (the identity in the own frames; A(x) = wy x wx^T per channel,
+so A^T(g) = wy^T g wx):
+
+    g_S = A_s^T(G . A_o(O)),   g_O = A_o^T(G . A_s(S))
+    d m[k] = sum_{p: s_p = k} K_s (*)^T g_S + sum_{p: o_p = k} K_o (*)^T g_O    ((*)^T: conv_transpose2d)
+    d K_s[r, c] = sum_{channel, y, x} g_S[y, x] m_s[y + r - d//2, x + c - d//2]  (zero outside the mask)
+
+and d K_o likewise; with per-object kernels ``[K, d, d]`` these are summed over every pair and role
+using the object. Boxes get no gradient. An invalid pair (an index outside ``[0, K)``, possible only
+with checks off) has output 0 and contributes nothing to any gradient.
 
 **transfer_masks** (Eq. 4): m~_k = sum_j S[l_k, j] sigmoid(mask_logits[k, j]), the mask of each
 object's own target class as a similarity-weighted mix of the source classes' masks.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from .cluster import _split_index
 
 SIGMA_MIN = 1e-7
 BOX_EPS = 1e-6
@@ -51,67 +66,153 @@ def gaussian_kernels(params: Tensor, size: int = 7) -> Tensor:
     return torch.softmax(flat, dim=-1).reshape(logk.shape)
 
 
-def _role_kernels(kernels: Tensor, pairs: Tensor):
+def _pair_index(pairs: Tensor, K: int):
+    """``(valid [P], s [P], o [P])``: invalid pairs (an index outside ``[0, K)``, possible only with
+    checks off) get the safe index 0 and are masked by the callers."""
+    vs, s = _split_index(pairs[:, 0], K)
+    vo, o = _split_index(pairs[:, 1], K)
+    valid = vs & vo
+    zero = torch.zeros_like(s)
+    return valid, torch.where(valid, s, zero), torch.where(valid, o, zero)
+
+
+def _rows(x: Tensor, index: Tensor) -> Tensor:
+    """``x[index]``, also when ``x`` has no rows (K = 0: every pair is invalid)."""
+    if x.shape[0] == 0:
+        return x.new_zeros((index.shape[0],) + tuple(x.shape[1:]))
+    return x[index]
+
+
+def _role_kernels(kernels: Tensor, s: Tensor, o: Tensor):
     """(kernel of the subject, kernel of the object) of each pair, ``[P, d, d]`` each."""
     if kernels.dim() == 4:  # [P, 2, d, d]: per pair and role
         return kernels[:, 0], kernels[:, 1]
-    return kernels[pairs[:, 0]], kernels[pairs[:, 1]]  # [K, d, d]: per object
+    return _rows(kernels, s), _rows(kernels, o)  # [K, d, d]: per object
+
+
+def _grouped(x: Tensor, kernels: Tensor):
+    """``x [P, C, a, a]`` as one image of P*C channels and each pair's kernel repeated per channel."""
+    P, C = x.shape[:2]
+    d = kernels.shape[-1]
+    weight = kernels[:, None, None].expand(P, C, 1, d, d).reshape(P * C, 1, d, d)
+    return x.reshape(1, P * C, *x.shape[2:]), weight
 
 
 def _smooth(masks: Tensor, kernels: Tensor) -> Tensor:
     """Each [C, m, m] mask cross-correlated with its own [d, d] kernel: grouped conv2d, ``[P, C, m, m]``."""
     P, C, m, _ = masks.shape
+    x, weight = _grouped(masks, kernels)
+    return F.conv2d(x, weight, padding=kernels.shape[-1] // 2, groups=P * C).reshape(P, C, m, m)
+
+
+def _smooth_backward(grad: Tensor, masks: Tensor, kernels: Tensor):
+    """Gradients of :func:`_smooth`: (d masks [P, C, m, m], d kernels [P, d, d])."""
+    P, C, m, _ = masks.shape
     d = kernels.shape[-1]
-    weight = kernels[:, None, None].expand(P, C, 1, d, d).reshape(P * C, 1, d, d)
-    out = F.conv2d(masks.reshape(1, P * C, m, m), weight, padding=d // 2, groups=P * C)
-    return out.reshape(P, C, m, m)
+    g, weight = _grouped(grad, kernels)
+    d_masks = F.conv_transpose2d(g, weight, padding=d // 2, groups=P * C).reshape(P, C, m, m)
+    # d K[r, c] = sum_{channel, y, x} G[y, x] m[y + r - d//2, x + c - d//2]: the padded mask
+    # cross-correlated with G
+    padded = F.pad(masks, (d // 2,) * 4).reshape(1, P * C, m + 2 * (d // 2), m + 2 * (d // 2))
+    d_kernels = F.conv2d(padded, grad.reshape(P * C, 1, m, m), groups=P * C).reshape(P, C, d, d).sum(1)
+    return d_masks, d_kernels
 
 
-def _to_union_frame(smoothed: Tensor, own: Tensor, union: Tensor, out_size: int) -> Tensor:
-    """Resample masks in the frame of their boxes ``own [P, 4]`` into ``union [P, 4]`` (R x R)."""
-    P = smoothed.shape[0]
+def _union_weights(own: Tensor, union: Tensor, m: int, out_size: int):
+    """The resampling of masks in the frame of boxes ``own [P, 4]`` into ``union [P, 4]``, R x R,
+    as separable weights ``(wy [P, R, m], wx [P, R, m])``: out = wy @ mask @ wx^T per channel."""
     R = out_size
-    steps = (torch.arange(R, dtype=smoothed.dtype, device=smoothed.device) + 0.5) / R
+    steps = (torch.arange(R, dtype=own.dtype, device=own.device) + 0.5) / R
     uw = (union[:, 2] - union[:, 0]).clamp_min(BOX_EPS)
     uh = (union[:, 3] - union[:, 1]).clamp_min(BOX_EPS)
     x = union[:, 0, None] + steps[None] * uw[:, None]  # [P, R]
     y = union[:, 1, None] + steps[None] * uh[:, None]
     bw = (own[:, 2] - own[:, 0]).clamp_min(BOX_EPS)
     bh = (own[:, 3] - own[:, 1]).clamp_min(BOX_EPS)
-    m = smoothed.shape[-1]
     fx = (x - own[:, 0, None]) / bw[:, None] * m - 0.5  # mask column coordinate, [P, R]
     fy = (y - own[:, 1, None]) / bh[:, None] * m - 0.5
     inside_x = (x >= own[:, 0, None]) & (x <= own[:, 2, None])
     inside_y = (y >= own[:, 1, None]) & (y <= own[:, 3, None])
 
-    def axis_weights(f, n):  # [P, R, n]: bilinear weights along one axis, clamped to the border
-        f = f.clamp(0, n - 1)
-        lo = f.floor().clamp(max=n - 1)
+    def axis_weights(f):  # [P, R, m]: bilinear weights along one axis, clamped to the border
+        f = f.clamp(0, m - 1)
+        lo = f.floor().clamp(max=m - 1)
         frac = f - lo
         lo = lo.to(torch.int64)
-        hi = (lo + 1).clamp(max=n - 1)
-        w = smoothed.new_zeros(f.shape + (n,))
+        hi = (lo + 1).clamp(max=m - 1)
+        w = own.new_zeros(f.shape + (m,))
         w.scatter_add_(-1, lo[..., None], (1 - frac)[..., None])
         w.scatter_add_(-1, hi[..., None], frac[..., None])
         return w
 
-    wy = axis_weights(fy, m) * inside_y[..., None]  # [P, R, m]
-    wx = axis_weights(fx, m) * inside_x[..., None]
-    return torch.einsum("pry,pcyx,pqx->pcrq", wy, smoothed, wx)
+    return axis_weights(fy) * inside_y[..., None], axis_weights(fx) * inside_x[..., None]
+
+
+def _frames(masks: Tensor, pairs: Tensor, boxes: Tensor, out_size: int):
+    """Resampling weights of the subject and the object of each pair into its union box."""
+    _, s, o = _pair_index(pairs, masks.shape[0])
+    # sample positions in float32 (float64 for float64 masks): half box coordinates would be off by
+    # up to a pixel; the weights are then cast to the masks' dtype
+    acc = torch.float64 if masks.dtype == torch.float64 else torch.float32
+    bs, bo = _rows(boxes, s).to(acc), _rows(boxes, o).to(acc)
+    union = torch.cat([torch.minimum(bs[:, :2], bo[:, :2]), torch.maximum(bs[:, 2:], bo[:, 2:])], dim=1)
+    m = masks.shape[-1]
+    return tuple(tuple(w.to(masks.dtype) for w in _union_weights(b, union, m, out_size)) for b in (bs, bo))
+
+
+def _resample(x: Tensor, w) -> Tensor:
+    return torch.einsum("pry,pcyx,pqx->pcrq", w[0], x, w[1])
+
+
+def _resample_backward(g: Tensor, w) -> Tensor:
+    return torch.einsum("pry,pcrq,pqx->pcyx", w[0], g, w[1])
+
+
+def _forward_parts(masks: Tensor, pairs: Tensor, kernels: Tensor):
+    valid, s, o = _pair_index(pairs, masks.shape[0])
+    ks, ko = _role_kernels(kernels, s, o)
+    ms, mo = _rows(masks, s), _rows(masks, o)
+    return valid, s, o, ks, ko, ms, mo
 
 
 def pair_mask_conv(masks: Tensor, pairs: Tensor, kernels: Tensor, boxes: Optional[Tensor] = None,
                    out_size: Optional[int] = None) -> Tensor:
     """Eq. 6: (K_s (*) m_s) . (K_o (*) m_o) per pair, ``[P, C, m, m]`` (or ``[P, C, R, R]`` in the
     union frame). The reference gathers and convolves per pair; kernels never do."""
-    ks, ko = _role_kernels(kernels, pairs)
-    ms = _smooth(masks[pairs[:, 0]], ks)
-    mo = _smooth(masks[pairs[:, 1]], ko)
-    if boxes is None:
-        return ms * mo
-    bs, bo = boxes[pairs[:, 0]].to(masks.dtype), boxes[pairs[:, 1]].to(masks.dtype)
-    union = torch.cat([torch.minimum(bs[:, :2], bo[:, :2]), torch.maximum(bs[:, 2:], bo[:, 2:])], dim=1)
-    return _to_union_frame(ms, bs, union, out_size) * _to_union_frame(mo, bo, union, out_size)
+    valid, s, o, ks, ko, ms, mo = _forward_parts(masks, pairs, kernels)
+    ss, so = _smooth(ms, ks), _smooth(mo, ko)
+    if boxes is not None and out_size:
+        ws, wo = _frames(masks, pairs, boxes, out_size)
+        ss, so = _resample(ss, ws), _resample(so, wo)
+    return torch.where(valid[:, None, None, None], ss * so, 0).contiguous()
+
+
+def pair_mask_conv_backward(grad: Tensor, masks: Tensor, pairs: Tensor, kernels: Tensor,
+                            boxes: Optional[Tensor] = None, out_size: int = 0, need_masks: bool = True,
+                            need_kernels: bool = True) -> Tuple[Tensor, Tensor]:
+    """``(d masks [K, C, m, m], d kernels)`` of :func:`pair_mask_conv` (an empty ``[0]`` tensor for
+    a gradient not needed); the formulas are in the module docstring."""
+    K = masks.shape[0]
+    valid, s, o, ks, ko, ms, mo = _forward_parts(masks, pairs, kernels)
+    grad = torch.where(valid[:, None, None, None], grad, 0)
+    ss, so = _smooth(ms, ks), _smooth(mo, ko)
+    if boxes is not None and out_size:
+        ws, wo = _frames(masks, pairs, boxes, out_size)
+        gs = _resample_backward(grad * _resample(so, wo), ws)
+        go = _resample_backward(grad * _resample(ss, ws), wo)
+    else:
+        gs, go = grad * so, grad * ss
+    dms, dks = _smooth_backward(gs, ms, ks)
+    dmo, dko = _smooth_backward(go, mo, ko)
+    d_masks = d_kernels = masks.new_empty((0,))
+    if need_masks:
+        d_masks = torch.zeros_like(masks).index_add_(0, s, dms).index_add_(0, o, dmo)
+    if need_kernels:
+        if kernels.dim() == 4:
+            d_kernels = torch.stack([dks, dko], dim=1)
+        else:
+            d_kernels = torch.zeros_like(kernels).index_add_(0, s, dks).index_add_(0, o, dko)
+    return d_masks, d_kernels
 
 
 def transfer_masks(mask_logits: Tensor, similarity: Tensor, labels: Tensor) -> Tensor:
@@ -120,4 +221,4 @@ def transfer_masks(mask_logits: Tensor, similarity: Tensor, labels: Tensor) -> T
     return torch.einsum("kj,kjyx->kyx", weights.to(mask_logits.dtype), torch.sigmoid(mask_logits))
 
 
-__all__ = ["gaussian_kernels", "pair_mask_conv", "transfer_masks"]
+__all__ = ["gaussian_kernels", "pair_mask_conv", "pair_mask_conv_backward", "transfer_masks"]
