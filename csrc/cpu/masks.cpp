@@ -13,15 +13,15 @@
 // separable bilinear weights of the reference's _union_weights (at most two taps per output row /
 // column; a weight is 0 outside the object's own box).
 //
-// Work:
+// Work (union frame: each pair's 4R resampling taps are computed once, in parallel over the pairs):
 //   forward            at::parallel_for over (pair, channel) planes
-//   backward, masks    over (object k, channel): k's pairs in both roles come from a CSR (counting
-//                      sort, subject role first, ascending p); each pair's g for that role is
-//                      recomputed and conv_transpose(K_role, g) is accumulated in a padded plane
-//   backward, kernels  over pairs: per role, sum over the channels of the correlation of the padded
-//                      mask with g; per-object kernels [K, d, d] then add the (pair, role) partials
-//                      serially, subjects first then objects, each in ascending p (the reference's
-//                      two index_adds)
+//   backward           one pass, parallel over the objects k: channel by channel, k's pairs in both
+//                      roles come from a CSR (counting sort, subject role first, ascending p); each
+//                      pair's g for k's role is recomputed, conv_transpose(K_role, g) is accumulated
+//                      in a padded plane (d masks) and the correlation of k's padded mask with g
+//                      into that (pair, role)'s kernel partial (d kernels); per-object kernels
+//                      [K, d, d] then add the (pair, role) partials serially, subjects first then
+//                      objects, each in ascending p (the reference's two index_adds)
 // Every convolution runs on zero-padded planes ((m + 2h)^2, h = d // 2), so the inner loops are
 // branch-free axpy / dot products over a contiguous row of x, which the compiler vectorises.
 //
@@ -335,7 +335,6 @@ inline const scalar_t* role_kernel(const scalar_t* kernels, bool per_pair, int64
 template <typename acc_t>
 struct Scratch {
   std::vector<acc_t> pad_s, pad_o, sm_s, sm_o, ks, ko, g, dpad;
-  std::vector<Tap<acc_t>> taps;
   explicit Scratch(const Planes<acc_t>& g_)
       : pad_s(g_.padded(), acc_t(0)),
         pad_o(g_.padded(), acc_t(0)),
@@ -344,8 +343,7 @@ struct Scratch {
         ks(g_.d * g_.d),
         ko(g_.d * g_.d),
         g(g_.m * g_.m),
-        dpad(g_.padded()),
-        taps(4 * g_.R) {}
+        dpad(g_.padded()) {}
 };
 
 // CSR of the pairs by (role, object): for key = role * K + k, the pairs are
@@ -379,6 +377,20 @@ PairCsr pair_csr(const int64_t* pairs, int64_t P, int64_t K) {
   return csr;
 }
 
+// Union frame: the 4R taps of every valid pair, [P, 4R] (see compute_taps); the own frames: none.
+template <typename acc_t>
+std::vector<Tap<acc_t>> pair_taps(const acc_t* boxes, const int64_t* pairs, const MaskArgs& a) {
+  std::vector<Tap<acc_t>> taps(a.R > 0 ? a.P * 4 * a.R : 0);
+  if (a.R == 0) return taps;
+  at::parallel_for(0, a.P, grain_for(16 * a.R), [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      int64_t s, o;
+      if (pair_at(pairs, p, a.K, s, o)) compute_taps(taps.data() + p * 4 * a.R, boxes, s, o, a.m, a.R);
+    }
+  });
+  return taps;
+}
+
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------
@@ -403,7 +415,8 @@ at::Tensor pair_mask_conv(const at::Tensor& masks_in, const at::Tensor& pairs_in
     const scalar_t* mk = masks.const_data_ptr<scalar_t>();
     const scalar_t* kn = kernels.const_data_ptr<scalar_t>();
     const int64_t* pr = pairs.const_data_ptr<int64_t>();
-    const acc_t* bx = boxes.defined() ? boxes.const_data_ptr<acc_t>() : nullptr;
+    const std::vector<Tap<acc_t>> taps =
+        pair_taps(boxes.defined() ? boxes.const_data_ptr<acc_t>() : nullptr, pr, a);
     scalar_t* dst_all = out.mutable_data_ptr<scalar_t>();
     const int64_t mm = a.m * a.m, dd = a.d * a.d, out_hw = side * side;
     const int64_t work = 2 * mm * dd + out_hw;
@@ -418,10 +431,9 @@ at::Tensor pair_mask_conv(const at::Tensor& masks_in, const at::Tensor& pairs_in
           std::fill(dst, dst + out_hw, scalar_t(0));
           continue;
         }
-        if (p != last_p) {  // the pair's kernels and taps, once per run of its channels
+        if (p != last_p) {  // the pair's kernels, once per run of its channels
           load_kernel(w.ks.data(), role_kernel(kn, a.per_pair, p, 0, s, dd), dd);
           load_kernel(w.ko.data(), role_kernel(kn, a.per_pair, p, 1, o, dd), dd);
-          if (a.R > 0) compute_taps(w.taps.data(), bx, s, o, a.m, a.R);
           last_p = p;
         }
         load_padded(w.pad_s.data(), mk + (s * a.C + c) * mm, geo);
@@ -433,7 +445,7 @@ at::Tensor pair_mask_conv(const at::Tensor& masks_in, const at::Tensor& pairs_in
             dst[q] = static_cast<scalar_t>(w.sm_s[q] * w.sm_o[q]);  // S . O
           }
         } else {
-          const Tap<acc_t>* sy = w.taps.data();
+          const Tap<acc_t>* sy = taps.data() + p * 4 * a.R;
           const Tap<acc_t>* sx = sy + a.R;
           const Tap<acc_t>* oy = sy + 2 * a.R;
           const Tap<acc_t>* ox = sy + 3 * a.R;
@@ -454,6 +466,11 @@ at::Tensor pair_mask_conv(const at::Tensor& masks_in, const at::Tensor& pairs_in
 // Backward
 //   d m[k] = sum_{p: s_p = k} K_s (*)^T g_S + sum_{p: o_p = k} K_o (*)^T g_O     ((*)^T: conv_transpose2d)
 //   d K_role[r][c] = sum_{channel, y, x} g_role[y][x] m_role[y + r - h][x + c - h]   (0 outside)
+// One pass, parallel over the objects: object k visits, channel by channel, every pair it is in
+// (CSR: subject role first, ascending p), recomputes the other role's smoothed mask and k's g, and
+// adds both k's mask gradient (conv_transpose) and the (pair, role) kernel partial. A (pair, role)
+// belongs to exactly one object, so every partial is written by one thread, over the channels in
+// order.
 // ---------------------------------------------------------------------------------------------
 std::tuple<at::Tensor, at::Tensor> pair_mask_conv_backward(const at::Tensor& grad_in, const at::Tensor& masks_in,
                                                            const at::Tensor& pairs_in, const at::Tensor& kernels_in,
@@ -486,71 +503,51 @@ std::tuple<at::Tensor, at::Tensor> pair_mask_conv_backward(const at::Tensor& gra
     const scalar_t* mk = masks.const_data_ptr<scalar_t>();
     const scalar_t* kn = kernels.const_data_ptr<scalar_t>();
     const int64_t* pr = pairs.const_data_ptr<int64_t>();
-    const acc_t* bx = boxes.defined() ? boxes.const_data_ptr<acc_t>() : nullptr;
     const int64_t mm = a.m * a.m, dd = a.d * a.d, out_hw = side * side;
-
-    if (need_masks) {  // one (object, channel) plane per item, its pairs in CSR order
-      const PairCsr csr = pair_csr(pr, a.P, a.K);
-      scalar_t* dm_all = d_masks.mutable_data_ptr<scalar_t>();
-      const int64_t per_item = std::max<int64_t>(1, 2 * csr.pair_of.size() / std::max<int64_t>(1, a.K));
-      at::parallel_for(0, a.K * a.C, grain_for(per_item * (3 * mm * dd + out_hw)), [&](int64_t begin, int64_t end) {
-        Scratch<acc_t> w(geo);
-        for (int64_t item = begin; item < end; ++item) {
-          const int64_t k = item / a.C, c = item % a.C;
-          std::fill(w.dpad.begin(), w.dpad.end(), acc_t(0));
+    const std::vector<Tap<acc_t>> taps =
+        pair_taps(boxes.defined() ? boxes.const_data_ptr<acc_t>() : nullptr, pr, a);
+    const PairCsr csr = pair_csr(pr, a.P, a.K);
+    std::vector<acc_t> part(need_kernels ? 2 * a.P * dd : 0, acc_t(0));  // d K per (pair, role)
+    scalar_t* dm_all = need_masks ? d_masks.mutable_data_ptr<scalar_t>() : nullptr;
+    // ~3 convolutions per (pair, role, channel)
+    const int64_t per_object = std::max<int64_t>(1, static_cast<int64_t>(csr.pair_of.size()) / a.K) * a.C;
+    at::parallel_for(0, a.K, grain_for(per_object * (3 * mm * dd + 2 * out_hw)), [&](int64_t begin, int64_t end) {
+      Scratch<acc_t> w(geo);
+      for (int64_t k = begin; k < end; ++k) {
+        for (int64_t c = 0; c < a.C; ++c) {
+          if (need_masks) std::fill(w.dpad.begin(), w.dpad.end(), acc_t(0));
+          if (need_kernels) load_padded(w.pad_s.data(), mk + (k * a.C + c) * mm, geo);  // k's own mask
           for (int role = 0; role < 2; ++role) {
             const int64_t key = role * a.K + k;
             for (int64_t e = csr.offset[key]; e < csr.offset[key + 1]; ++e) {
               const int64_t p = csr.pair_of[e];
-              const int64_t s = pr[2 * p], o = pr[2 * p + 1];  // valid (the CSR holds valid pairs only)
-              const int64_t other = role == 0 ? o : s;
+              const int64_t other = role == 0 ? pr[2 * p + 1] : pr[2 * p];  // valid: the CSR holds valid pairs
               load_kernel(w.ks.data(), role_kernel(kn, a.per_pair, p, role, k, dd), dd);
               load_kernel(w.ko.data(), role_kernel(kn, a.per_pair, p, 1 - role, other, dd), dd);
-              if (a.R > 0) compute_taps(w.taps.data(), bx, s, o, a.m, a.R);
               load_padded(w.pad_o.data(), mk + (other * a.C + c) * mm, geo);
               smooth(w.sm_o.data(), w.pad_o.data(), w.ko.data(), geo);  // the other role's smoothed mask
-              role_grad(w.g.data(), gr + (p * a.C + c) * out_hw, w.sm_o.data(), w.taps.data(), role, geo);
-              conv_transpose_add(w.dpad.data(), w.g.data(), w.ks.data(), geo);
+              role_grad(w.g.data(), gr + (p * a.C + c) * out_hw, w.sm_o.data(), taps.data() + p * 4 * a.R, role,
+                        geo);                                             // g for k's role
+              if (need_masks) conv_transpose_add(w.dpad.data(), w.g.data(), w.ks.data(), geo);
+              if (need_kernels) kernel_grad_add(part.data() + (2 * p + role) * dd, w.pad_s.data(), w.g.data(), geo);
             }
           }
-          scalar_t* dst = dm_all + item * mm;
-          for (int64_t y = 0; y < a.m; ++y) {
-            const acc_t* row = w.dpad.data() + (y + geo.h) * geo.mp + geo.h;
-            for (int64_t x = 0; x < a.m; ++x) {
-              dst[y * a.m + x] = static_cast<scalar_t>(row[x]);
+          if (need_masks) {
+            scalar_t* dst = dm_all + (k * a.C + c) * mm;
+            for (int64_t y = 0; y < a.m; ++y) {
+              const acc_t* row = w.dpad.data() + (y + geo.h) * geo.mp + geo.h;
+              for (int64_t x = 0; x < a.m; ++x) {
+                dst[y * a.m + x] = static_cast<scalar_t>(row[x]);
+              }
             }
           }
         }
-      });
-    }
+      }
+    });
 
-    if (need_kernels) {  // per (pair, role) partials in acc_t, then per pair or per object
-      std::vector<acc_t> part(2 * a.P * dd, acc_t(0));
-      at::parallel_for(0, a.P, grain_for(a.C * (6 * mm * dd + 2 * out_hw)), [&](int64_t begin, int64_t end) {
-        Scratch<acc_t> w(geo);
-        for (int64_t p = begin; p < end; ++p) {
-          int64_t s, o;
-          if (!pair_at(pr, p, a.K, s, o)) continue;  // invalid pair: no gradient
-          load_kernel(w.ks.data(), role_kernel(kn, a.per_pair, p, 0, s, dd), dd);
-          load_kernel(w.ko.data(), role_kernel(kn, a.per_pair, p, 1, o, dd), dd);
-          if (a.R > 0) compute_taps(w.taps.data(), bx, s, o, a.m, a.R);
-          acc_t* dks = part.data() + 2 * p * dd;
-          acc_t* dko = dks + dd;
-          for (int64_t c = 0; c < a.C; ++c) {
-            load_padded(w.pad_s.data(), mk + (s * a.C + c) * mm, geo);
-            load_padded(w.pad_o.data(), mk + (o * a.C + c) * mm, geo);
-            smooth(w.sm_s.data(), w.pad_s.data(), w.ks.data(), geo);
-            smooth(w.sm_o.data(), w.pad_o.data(), w.ko.data(), geo);
-            const scalar_t* G = gr + (p * a.C + c) * out_hw;
-            role_grad(w.g.data(), G, w.sm_o.data(), w.taps.data(), 0, geo);  // g_S
-            kernel_grad_add(dks, w.pad_s.data(), w.g.data(), geo);
-            role_grad(w.g.data(), G, w.sm_s.data(), w.taps.data(), 1, geo);  // g_O
-            kernel_grad_add(dko, w.pad_o.data(), w.g.data(), geo);
-          }
-        }
-      });
+    if (need_kernels) {
       scalar_t* dk = d_kernels.mutable_data_ptr<scalar_t>();
-      if (a.per_pair) {
+      if (a.per_pair) {  // invalid pairs' partials stayed 0
         for (int64_t e = 0; e < 2 * a.P * dd; ++e) {
           dk[e] = static_cast<scalar_t>(part[e]);
         }
