@@ -20,6 +20,8 @@
 #include <optional>
 #include <tuple>
 
+#include "cuda/common.cuh"
+
 namespace sgg_kernels {
 namespace {
 
@@ -352,18 +354,6 @@ at::Tensor gather_mean_cuda(const at::Tensor& feats, const at::Tensor& index) {
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
-}
-
-__device__ __forceinline__ int64_t lower_bound(const int64_t* __restrict__ a, int64_t lo, int64_t hi, int64_t v) {
-  while (lo < hi) {
-    const int64_t mid = lo + (hi - lo) / 2;
-    if (a[mid] < v) {
-      lo = mid + 1;
-    } else {
-      hi = mid;
-    }
-  }
-  return lo;
 }
 
 // One row (b, m) per threadIdx.y, threadIdx.x walks D. sorted_keys[N] = b*M + index of entry

@@ -48,30 +48,21 @@
 #include <string>
 #include <tuple>
 
+#include "cuda/common.cuh"
+
 namespace sgg_kernels {
 namespace {
 
-constexpr int kThreads = 256;
 // The plane kernels declare __launch_bounds__(kThreads, 1): their occupancy is set by shared memory
 // (whole m x m planes per block), and without the explicit minimum ptxas capped the backward
 // kernels at 48-64 registers and spilled.
-// Grid-stride loops cover any size; this many blocks keeps every SM of an H100/H200 busy.
-constexpr int64_t kMaxBlocks = 65536;
 constexpr int64_t kDefaultSmem = 48 * 1024;  // dynamic shared memory without an opt-in
 constexpr int64_t kMaxSide = 1 << 15;        // m, d, R above this cannot fit shared memory anyway
-
-inline unsigned int grid_for(int64_t n) {  // n > 0, one thread per item
-  return static_cast<unsigned int>(std::min((n + kThreads - 1) / kThreads, kMaxBlocks));
-}
 
 inline unsigned int blocks_for(int64_t n) {  // n > 0, one block per item
   return static_cast<unsigned int>(std::min(n, kMaxBlocks));
 }
 
-// Grid-stride loop with an int64 index.
-#define SGG_KERNEL_LOOP(i, n)                                                                       \
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < (n);           \
-       i += static_cast<int64_t>(blockDim.x) * gridDim.x)
 
 // Block-stride loop over the items of one block's plane (int: every plane fits shared memory).
 #define SGG_BLOCK_LOOP(q, n) for (int q = static_cast<int>(threadIdx.x); q < (n); q += static_cast<int>(blockDim.x))
@@ -97,30 +88,8 @@ __device__ __forceinline__ void for_each_cell(int rows, int cols, const F& f) {
   }
 }
 
-// ---------------------------------------------------------------------------------------------
-// Correctly rounded arithmetic without FMA contraction, for the union-frame sample positions: they
-// decide floor() and the inside-the-box tests, so they are computed with exactly the roundings of
-// the reference, one operation at a time.
-// ---------------------------------------------------------------------------------------------
-template <typename T>
-struct Rn;
-
-template <>
-struct Rn<float> {
-  static __device__ __forceinline__ float add(float a, float b) { return __fadd_rn(a, b); }
-  static __device__ __forceinline__ float sub(float a, float b) { return __fsub_rn(a, b); }
-  static __device__ __forceinline__ float mul(float a, float b) { return __fmul_rn(a, b); }
-  static __device__ __forceinline__ float div(float a, float b) { return __fdiv_rn(a, b); }
-};
-
-template <>
-struct Rn<double> {
-  static __device__ __forceinline__ double add(double a, double b) { return __dadd_rn(a, b); }
-  static __device__ __forceinline__ double sub(double a, double b) { return __dsub_rn(a, b); }
-  static __device__ __forceinline__ double mul(double a, double b) { return __dmul_rn(a, b); }
-  static __device__ __forceinline__ double div(double a, double b) { return __ddiv_rn(a, b); }
-};
-
+// The union-frame sample positions decide floor() and the inside-the-box tests: they are computed
+// with Rn<> (common.cuh), exactly the roundings of the reference, one operation at a time.
 __device__ __forceinline__ float floor_acc(float x) { return floorf(x); }
 __device__ __forceinline__ double floor_acc(double x) { return floor(x); }
 
@@ -134,26 +103,7 @@ __device__ __forceinline__ T max_nan(T a, T b) {
   return isnan(a) ? a : (isnan(b) ? b : (b > a ? b : a));
 }
 
-// Reads pair p; true (and s, o set) when both indices lie in [0, K).
-__device__ __forceinline__ bool read_pair(const int64_t* __restrict__ pairs, int64_t p, int64_t K, int64_t& s,
-                                          int64_t& o) {
-  s = pairs[2 * p];
-  o = pairs[2 * p + 1];
-  return s >= 0 && s < K && o >= 0 && o < K;
-}
 
-// First index in [lo, hi) of the sorted a with a[i] >= v.
-__device__ __forceinline__ int64_t lower_bound(const int64_t* __restrict__ a, int64_t lo, int64_t hi, int64_t v) {
-  while (lo < hi) {
-    const int64_t mid = lo + (hi - lo) / 2;
-    if (a[mid] < v) {
-      lo = mid + 1;
-    } else {
-      hi = mid;
-    }
-  }
-  return lo;
-}
 
 // The [d, d] kernel of a role (0 subject, 1 object) of pair p, whose object of that role is obj:
 // kernels [P, 2, d, d] (per pair and role) or [K, d, d] (per object).

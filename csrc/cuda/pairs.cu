@@ -28,45 +28,13 @@
 #include <optional>
 #include <type_traits>
 
+#include "cuda/common.cuh"
+
 namespace sgg_kernels {
 namespace {
 
-constexpr int kThreads = 256;
-// Grid-stride loops cover any size; this many blocks keeps every SM of an H100/H200 busy.
-constexpr int64_t kMaxBlocks = 65536;
-
-inline unsigned int grid_for(int64_t n) {  // n > 0
-  return static_cast<unsigned int>(std::min((n + kThreads - 1) / kThreads, kMaxBlocks));
-}
-
-// Grid-stride loop with an int64 index (P * D * ph * pw can exceed 2^31).
-#define SGG_KERNEL_LOOP(i, n)                                                                       \
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < (n);           \
-       i += static_cast<int64_t>(blockDim.x) * gridDim.x)
-
-// ---------------------------------------------------------------------------------------------
-// Correctly rounded arithmetic without FMA contraction, for the RoI sample positions: they decide
-// floor() and the validity tests, so they are computed with exactly the roundings of the reference
-// (and of torchvision's CPU kernel), one operation at a time.
-// ---------------------------------------------------------------------------------------------
-template <typename T>
-struct Rn;
-
-template <>
-struct Rn<float> {
-  static __device__ __forceinline__ float add(float a, float b) { return __fadd_rn(a, b); }
-  static __device__ __forceinline__ float sub(float a, float b) { return __fsub_rn(a, b); }
-  static __device__ __forceinline__ float mul(float a, float b) { return __fmul_rn(a, b); }
-  static __device__ __forceinline__ float div(float a, float b) { return __fdiv_rn(a, b); }
-};
-
-template <>
-struct Rn<double> {
-  static __device__ __forceinline__ double add(double a, double b) { return __dadd_rn(a, b); }
-  static __device__ __forceinline__ double sub(double a, double b) { return __dsub_rn(a, b); }
-  static __device__ __forceinline__ double mul(double a, double b) { return __dmul_rn(a, b); }
-  static __device__ __forceinline__ double div(double a, double b) { return __ddiv_rn(a, b); }
-};
+// The RoI sample positions are computed with Rn<> (common.cuh): exactly the roundings of the
+// reference and of torchvision's CPU kernel, one operation at a time, no FMA contraction.
 
 // log / ceil in the accumulation type (never a silent float -> double promotion).
 __device__ __forceinline__ float log_acc(float x) { return logf(x); }
@@ -93,14 +61,6 @@ __device__ __forceinline__ T max_subject(T s, T o) {  // s on ties (s >= o), NaN
 template <>
 __device__ __forceinline__ double max_subject<double>(double s, double o) {
   return (s >= o || isnan(s)) ? s : o;
-}
-
-// Reads pair p; true (and s, o set) when both indices lie in [0, K).
-__device__ __forceinline__ bool read_pair(const int64_t* __restrict__ pairs, int64_t p, int64_t K, int64_t& s,
-                                          int64_t& o) {
-  s = pairs[2 * p];
-  o = pairs[2 * p + 1];
-  return s >= 0 && s < K && o >= 0 && o < K;
 }
 
 // boxes [K, 4], pairs [P, 2], out [P, 4] (boxes' dtype). One thread per pair. The chosen
