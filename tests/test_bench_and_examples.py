@@ -35,3 +35,22 @@ def test_superpixel_example_runs():
     proc = _run(["python/superpixel_clustering.py", "--size", "14x21", "--dim", "32"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "output [2, 32, 14, 21]" in proc.stdout
+
+
+def test_forced_backend_covers_the_backward(monkeypatch):
+    """`sgg-bench --backend reference`: the backward ops (run inside torch.autograd.grad) take the
+    forced backend too, not only the forward."""
+    from sgg_kernels.bench import registry, runner
+    from sgg_kernels.ops import cluster
+
+    chosen = {"fwd": [], "bwd": []}
+    for key, table in zip(("fwd", "bwd"), cluster.KERNELS["cluster_dispatch"]):
+        original = table.select
+        monkeypatch.setattr(table, "select", lambda device_type, _o=original, _k=key: chosen[_k].append(_o(device_type))
+                            or chosen[_k][-1])
+    case = registry.all_cases()["cluster_dispatch"]
+    rows = runner.run([case], ["small"], impls=["fused"], passes=["fwd+bwd"], backend="reference", min_time=0.01,
+                      log=lambda _: None)
+    assert rows and all(r.error is None for r in rows)
+    assert chosen["fwd"] and set(chosen["fwd"]) == {"reference"}
+    assert chosen["bwd"] and set(chosen["bwd"]) == {"reference"}

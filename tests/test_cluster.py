@@ -189,9 +189,11 @@ def test_cosine_assign_dtypes(backend, device, dtype):
 
 
 @pytest.mark.parametrize("backend,device", backend_params(K["cosine_assign"]))
-def test_cosine_assign_strided_and_zero_rows(backend, device):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+def test_cosine_assign_strided_and_zero_rows(backend, device, dtype):
+    """At a zero row the gradient is scaled by 1 / eps: float64 sees whether eps is exactly 1e-12."""
     require(K["cosine_assign"], backend, device)
-    _check_cosine_assign(backend, device, 2, 33, 5, 12, torch.float32, sigmoid=False, strided=True, zero_rows=True)
+    _check_cosine_assign(backend, device, 2, 33, 5, 12, dtype, sigmoid=False, strided=True, zero_rows=True)
 
 
 def test_cosine_assign_ties_to_lower_center():
@@ -450,6 +452,7 @@ def _opcheck_samples(device):
     gen = _gen(13)
     f = lambda *s, grad=True: _rand(s, torch.float32, device, gen, grad=grad)  # noqa: E731
     feats, centers = f(2, 11, 5), f(2, 3, 5)
+    feats_t = f(2, 5, 11, grad=False).transpose(1, 2)  # [2, 11, 5], strided
     alpha = torch.tensor([0.9], device=device, requires_grad=True)
     beta = torch.tensor([0.1], device=device, requires_grad=True)
     assign = torch.randint(0, 3, (2, 11), generator=gen).to(device)
@@ -477,6 +480,11 @@ def _opcheck_samples(device):
         (o.cluster_dispatch.default, (centers, assign, sim, feats)),
         (o.cluster_dispatch.default, (centers, assign, sim, None)),
         (o.cluster_dispatch_backward.default, (g(2, 11, 5), centers.detach(), assign, sim.detach(), True)),
+        # strided inputs: the fake kernels must give the gradients the real kernels' (contiguous) strides
+        (o.cluster_dispatch_backward.default, (g(2, 5, 11).transpose(1, 2), centers.detach(), assign, sim.detach(), True)),
+        (o.cosine_assign_backward.default, (g(2, 11), feats_t, centers.detach(), assign, sim.detach(), alpha.detach(),
+                                            beta.detach())),
+        (o.cluster_aggregate_backward.default, (g(2, 3, 5), feats_t, assign, sim.detach(), out, den)),
     ]
 
 

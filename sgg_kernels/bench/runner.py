@@ -82,22 +82,30 @@ def make_step(fn: Callable, inputs: Inputs, grad_inputs: Sequence[str], pass_: s
 
 
 def impl_callable(case: Case, impl: str, backend: Optional[str] = None) -> Callable:
-    """The callable of ``impl`` for ``case`` (a fresh ``torch.compile`` for ``compile``)."""
-    if impl == "fused":
-        if backend is None:
-            return case.fused
-        import sgg_kernels as sk
+    """The callable of ``impl`` for ``case`` (a fresh ``torch.compile`` for ``compile``).
 
-        def forced(**kwargs):
-            with sk.use_backend(backend):
-                return case.fused(**kwargs)
-        return forced
+    A forced ``backend`` for ``fused`` covers only this callable's forward; :func:`on_backend`
+    wraps a whole step, backward included (what :func:`run` does)."""
+    if impl == "fused":
+        return case.fused if backend is None else on_backend(case.fused, backend)
     if impl == "eager":
         return case.reference
     if impl == "compile":
         torch._dynamo.reset()  # a clean cache: compilation happens (and is timed) in this warm-up
         return torch.compile(case.reference, dynamic=False)
     raise ValueError(f"unknown impl {impl!r}; expected one of {', '.join(IMPLS)}")
+
+
+def on_backend(fn: Callable, backend: str) -> Callable:
+    """``fn`` run with ``sk.use_backend(backend)`` held for the whole call. Around a step this
+    covers the backward too: the backward ops run inside ``torch.autograd.grad`` and choose their
+    backend then (``use_backend`` is process-wide, so autograd's threads see it)."""
+    import sgg_kernels as sk
+
+    def forced(*args, **kwargs):
+        with sk.use_backend(backend):
+            return fn(*args, **kwargs)
+    return forced
 
 
 def summarize(exc: BaseException, limit: int = 200) -> str:
@@ -191,6 +199,8 @@ def run(
                         continue
                     try:
                         step = make_step(fn, inputs, case.grad_inputs, pass_, seed)
+                        if impl == "fused" and backend is not None:
+                            step = on_backend(step, backend)  # the backward ops too
                         results.append(row(impl, pass_, **measure(step, device, min_time)))
                     except Exception as exc:
                         msg = summarize(exc)

@@ -253,8 +253,8 @@ def _cosine_assign_backward_op(
 @_cosine_assign_backward_op.register_fake
 def _(grad_sim, feats, centers, assign, sim, alpha, beta):
     if alpha is None:
-        return torch.empty_like(feats), torch.empty_like(centers), feats.new_empty((0,)), feats.new_empty((0,))
-    return torch.empty_like(feats), torch.empty_like(centers), torch.empty_like(alpha), torch.empty_like(beta)
+        return torch.empty_like(feats, memory_format=torch.contiguous_format), torch.empty_like(centers, memory_format=torch.contiguous_format), feats.new_empty((0,)), feats.new_empty((0,))
+    return torch.empty_like(feats, memory_format=torch.contiguous_format), torch.empty_like(centers, memory_format=torch.contiguous_format), torch.empty_like(alpha, memory_format=torch.contiguous_format), torch.empty_like(beta, memory_format=torch.contiguous_format)
 
 
 def _assign_setup(ctx, inputs, output):
@@ -328,7 +328,7 @@ def _cluster_aggregate_op(values: Tensor, assign: Tensor, sim: Tensor, value_cen
 
 @_cluster_aggregate_op.register_fake
 def _(values, assign, sim, value_centers):
-    return torch.empty_like(value_centers), value_centers.new_empty(value_centers.shape[:2])
+    return torch.empty_like(value_centers, memory_format=torch.contiguous_format), value_centers.new_empty(value_centers.shape[:2])
 
 
 @torch.library.custom_op(f"{_LIB}::cluster_aggregate_backward", mutates_args=())
@@ -340,7 +340,7 @@ def _cluster_aggregate_backward_op(
 
 @_cluster_aggregate_backward_op.register_fake
 def _(grad_out, values, assign, sim, out, den):
-    return torch.empty_like(values), torch.empty_like(sim), torch.empty_like(out)
+    return torch.empty_like(values, memory_format=torch.contiguous_format), torch.empty_like(sim, memory_format=torch.contiguous_format), torch.empty_like(out, memory_format=torch.contiguous_format)
 
 
 def _aggregate_setup(ctx, inputs, output):
@@ -404,7 +404,7 @@ def _superpixel_cluster_op(
 @_superpixel_cluster_op.register_fake
 def _(feats, centers, values, value_centers, alpha, beta):
     B, M, _ = feats.shape
-    return (torch.empty_like(value_centers), value_centers.new_empty(value_centers.shape[:2]),
+    return (torch.empty_like(value_centers, memory_format=torch.contiguous_format), value_centers.new_empty(value_centers.shape[:2]),
             feats.new_empty((B, M), dtype=torch.int64), feats.new_empty((B, M)))
 
 
@@ -424,9 +424,9 @@ def _superpixel_cluster_backward_op(
 
 @_superpixel_cluster_backward_op.register_fake
 def _(grad_out, grad_sim, feats, centers, values, alpha, beta, out, den, assign, sim):
-    ga = feats.new_empty((0,)) if alpha is None else torch.empty_like(alpha)
-    gb = feats.new_empty((0,)) if beta is None else torch.empty_like(beta)
-    return torch.empty_like(feats), torch.empty_like(centers), torch.empty_like(values), torch.empty_like(out), ga, gb
+    ga = feats.new_empty((0,)) if alpha is None else torch.empty_like(alpha, memory_format=torch.contiguous_format)
+    gb = feats.new_empty((0,)) if beta is None else torch.empty_like(beta, memory_format=torch.contiguous_format)
+    return torch.empty_like(feats, memory_format=torch.contiguous_format), torch.empty_like(centers, memory_format=torch.contiguous_format), torch.empty_like(values, memory_format=torch.contiguous_format), torch.empty_like(out, memory_format=torch.contiguous_format), ga, gb
 
 
 def _superpixel_setup(ctx, inputs, output):
@@ -509,8 +509,8 @@ def _cluster_dispatch_backward_op(
 
 @_cluster_dispatch_backward_op.register_fake
 def _(grad_out, center_out, assign, sim, has_residual):
-    gr = torch.empty_like(grad_out) if has_residual else center_out.new_empty((0,))
-    return torch.empty_like(center_out), torch.empty_like(sim), gr
+    gr = torch.empty_like(grad_out, memory_format=torch.contiguous_format) if has_residual else center_out.new_empty((0,))
+    return torch.empty_like(center_out, memory_format=torch.contiguous_format), torch.empty_like(sim, memory_format=torch.contiguous_format), gr
 
 
 def _dispatch_setup(ctx, inputs, output):

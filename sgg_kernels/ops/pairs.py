@@ -95,7 +95,7 @@ def _union_boxes_backward_op(grad: Tensor, boxes: Tensor, pairs: Tensor) -> Tens
 
 @_union_boxes_backward_op.register_fake
 def _(grad, boxes, pairs):
-    return torch.empty_like(boxes)
+    return torch.empty_like(boxes, memory_format=torch.contiguous_format)
 
 
 @torch.library.custom_op(f"{_LIB}::pair_geometry", mutates_args=())
@@ -117,7 +117,7 @@ def _pair_geometry_backward_op(grad: Tensor, boxes: Tensor, pairs: Tensor) -> Te
 
 @_pair_geometry_backward_op.register_fake
 def _(grad, boxes, pairs):
-    return torch.empty_like(boxes)
+    return torch.empty_like(boxes, memory_format=torch.contiguous_format)
 
 
 def _boxes_setup(ctx, inputs, output):

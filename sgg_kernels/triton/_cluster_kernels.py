@@ -30,6 +30,14 @@ import triton.language as tl
 EPS = tl.constexpr(1e-12)
 
 
+@triton.jit
+def _eps_like(x):
+    """EPS as a tensor of x's shape and dtype. (``tl.maximum(x, EPS)`` would round the literal to
+    float32 first: 9.99999996e-13 in a float64 kernel, a 4e-9 relative error at zero-norm rows,
+    whose gradients scale with 1 / EPS.)"""
+    return tl.full(x.shape, EPS, x.dtype)
+
+
 # ---------------------------------------------------------------------------------------------
 # Small numeric helpers.
 # ---------------------------------------------------------------------------------------------
@@ -122,7 +130,8 @@ def _assign_tile(
         offs_d = d0 + offs_db
         f = _load_rows(feats_ptr, b, offs_m, mask_m, offs_d, offs_d < D, s_fb, s_fm, s_fd, ACC)
         nf2 += tl.sum(f * f, axis=1)
-    inv_nf = _recip(tl.maximum(_sqrt(nf2), EPS))
+    nf = _sqrt(nf2)
+    inv_nf = _recip(tl.maximum(nf, _eps_like(nf)))
 
     best_sim = tl.full([offs_m.shape[0]], float("-inf"), dtype=ACC)
     best_idx = tl.zeros([offs_m.shape[0]], dtype=tl.int64)
@@ -145,7 +154,8 @@ def _assign_tile(
                 dot = tl.dot(f, tl.trans(c), dot, out_dtype=ACC)
             else:
                 dot = tl.dot(f.to(ACC), tl.trans(c_acc), dot, input_precision="ieee", out_dtype=ACC)
-        inv_nc = _recip(tl.maximum(_sqrt(nc2), EPS))
+        nc = _sqrt(nc2)
+        inv_nc = _recip(tl.maximum(nc, _eps_like(nc)))
         s = dot * inv_nf[:, None] * inv_nc[None, :]
         if SIGMOID:
             s = _sigmoid(beta + alpha * s)
@@ -438,8 +448,9 @@ def _cosine_assign_backward_kernel(
             nc2 += tl.sum(c * c, axis=1)
             fc += tl.sum(f * c, axis=1)
         nf_raw = _sqrt(nf2)
-        n = tl.maximum(nf_raw, EPS)
-        m = tl.maximum(_sqrt(nc2), EPS)
+        n = tl.maximum(nf_raw, _eps_like(nf_raw))
+        m_raw = _sqrt(nc2)
+        m = tl.maximum(m_raw, _eps_like(m_raw))
         cos = _div(fc, n * m)
         if SIGMOID:
             s = _sigmoid(beta + alpha * cos)
@@ -450,7 +461,7 @@ def _cosine_assign_backward_kernel(
         else:
             gc = g
         coef_c = _div(gc, n * m)  # multiplies c_a
-        coef_f = tl.where(nf_raw >= EPS, _div(gc * cos, n * n), 0.0)  # multiplies f_i
+        coef_f = tl.where(nf_raw >= _eps_like(nf_raw), _div(gc * cos, n * n), 0.0)  # multiplies f_i
         for d0 in range(0, D, BLOCK_D):
             offs_d = d0 + offs_db
             mask_d = offs_d < D
