@@ -24,8 +24,9 @@ from triton.compiler import ASTSource  # noqa: E402
 
 import sgg_kernels.triton.cluster as launchers  # noqa: E402
 import sgg_kernels.triton.pairs as pair_launchers  # noqa: E402
+import sgg_kernels.triton.prototypes as proto_launchers  # noqa: E402
 
-LAUNCHER_MODULES = (launchers, pair_launchers)  # every module whose `_..._kernel` attributes get wrapped
+LAUNCHER_MODULES = (launchers, pair_launchers, proto_launchers)  # every module whose `_..._kernel` attributes get wrapped
 
 TARGET = GPUTarget("cuda", 90, 32)
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/ptxas")
@@ -126,6 +127,21 @@ def launch_pairs(rec, K, P, D, C, Du, dtype, strided):
             pair_launchers.pairwise_edge_fusion_backward(grad, subj, obj, u, pairs, weight, b is not None)
 
 
+def launch_prototypes(rec, N, Q, D, dtype, layout):
+    """prototype_distance forward and backward at one size; x row-strided (a slice of a wider
+    tensor), contiguous, or transposed (column stride != 1: another specialisation)."""
+    rec.tag = f"N{N} Q{Q} D{D} {DTYPE[dtype]} {layout}"
+    if layout == "strided":
+        x = torch.zeros(N, 2 * D, dtype=dtype)[:, :D]
+    elif layout == "transposed":
+        x = torch.zeros(D, N, dtype=dtype).t()
+    else:
+        x = torch.zeros(N, D, dtype=dtype)
+    protos, grad = torch.zeros(Q, D, dtype=dtype), torch.zeros(N, Q, dtype=dtype)
+    proto_launchers.prototype_distance(x, protos)
+    proto_launchers.prototype_distance_backward(grad, grad, x, protos, True, True)
+
+
 def main() -> int:
     rec = Recorder()
     for module in LAUNCHER_MODULES:
@@ -141,6 +157,10 @@ def main() -> int:
         launch_pairs(rec, 100, 2400, 4096, 51, 4096, dtype, True)    # paper (E1 halves)
         launch_pairs(rec, 320, 25280, 4096, 51, 4096, dtype, False)  # sgdet
         launch_pairs(rec, 7, 40, 257, 5, 100, dtype, True)           # odd: Du < D, C < 16
+    for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        launch_prototypes(rec, 2400, 51, 4096, dtype, "contiguous")   # paper
+        launch_prototypes(rec, 25280, 51, 4096, dtype, "strided")     # sgdet
+        launch_prototypes(rec, 37, 5, 257, dtype, "transposed")       # odd: Q < 16, D not a block multiple
     print(f"check_triton_sm90: {len(rec.lines)} kernel variants compiled for sm_90, {len(rec.errors)} compile errors")
     return 1 if rec.errors else 0
 

@@ -74,6 +74,13 @@ TORCH_LIBRARY(sgg_kernels, m) {
   m.def(
       "_pair_mask_conv_backward(Tensor grad, Tensor masks, Tensor pairs, Tensor kernels, Tensor? boxes, "
       "int out_size, bool need_masks, bool need_kernels) -> (Tensor, Tensor)");
+
+  // family prototypes (RDE, Eq. 4); math and backward: sgg_kernels/reference/prototypes.py.
+  // A gradient not needed (need_x / need_protos false) comes back as an empty [0] tensor.
+  m.def("_prototype_distance(Tensor x, Tensor protos) -> (Tensor, Tensor)");
+  m.def(
+      "_prototype_distance_backward(Tensor grad_cos, Tensor grad_dist, Tensor x, Tensor protos, bool need_x, "
+      "bool need_protos) -> (Tensor, Tensor)");
 }
 
 }  // namespace sgg_kernels

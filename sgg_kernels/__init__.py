@@ -22,6 +22,7 @@ from .ops.cluster import (
 )
 from .ops.masks import gaussian_kernels, pair_mask_conv, transfer_masks
 from .ops.pairs import pair_geometry, pairwise_edge_fusion, roi_align, union_boxes, union_roi_align
+from .ops.prototypes import prototype_distance
 from .reference.cluster import grid_centers, grid_points
 from . import models  # noqa: E402  (thin nn.Modules over the ops above: sk.models.LinkNetHead, ...)
 
@@ -34,4 +35,5 @@ __all__ = [
     "pack_boxes", "pack_pairs", "all_pairs",
     "gaussian_kernels", "pair_mask_conv", "transfer_masks",
     "union_boxes", "pair_geometry", "roi_align", "union_roi_align", "pairwise_edge_fusion",
+    "prototype_distance",
 ]

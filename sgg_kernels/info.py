@@ -12,9 +12,10 @@ import sys
 import torch
 
 from . import _backend
-from .ops import cluster, masks, pairs
+from .ops import cluster, masks, pairs, prototypes
 
-FAMILIES = {"cluster": cluster.KERNELS, "pairs": pairs.KERNELS, "masks": masks.KERNELS}
+FAMILIES = {"cluster": cluster.KERNELS, "pairs": pairs.KERNELS, "masks": masks.KERNELS,
+            "prototypes": prototypes.KERNELS}
 DEVICES = ("cpu", "cuda")
 
 
