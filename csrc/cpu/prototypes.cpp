@@ -10,14 +10,15 @@
 //              differences (one pass over D, 8 lanes per row, kRows rows sharing each load of
 //              p_q). Nothing of size [N, Q, D] exists.
 //   backward   pass 1, parallel over the same row blocks: cos and s = ||x - p||^2 recomputed as in
-//              the forward; K[n, q] = G / (a_n b_q) - W, r_n, and the per-(n, q) terms of c_q;
-//              grad x_n = sum_q K[n, q] p_q + r_n x_n (the row's own axpys).
-//              pass 2 (grad protos), parallel over chunks of kChunkD columns: grad p_q = sum_n
-//              K[n, q] x_n + c_q p_q, every element summed over n in ascending order.
+//              the forward; K[n, q] = G / (a_n b_q) - W ([N, Q], the size of the outputs), r_n,
+//              and the per-(n, q) terms of c_q (summed over n in ascending order).
+//              pass 2: grad x = K @ P + r x and grad P = K^T @ x + c P as ATen GEMMs (BLAS), in
+//              fixed column chunks, one single-threaded GEMM per chunk.
 //
-// Determinism: no atomics; every sum runs in a fixed order that depends on the shapes only, and a
-// row's arithmetic is the same whichever block (or thread) it lands in, so results do not depend
-// on the thread count. Numerics: half/bfloat16 accumulate in float32, float64 in float64; the
+// Determinism: no atomics; every hand-written sum runs in a fixed order that depends on the shapes
+// only, and a row's arithmetic is the same whichever block (or thread) it lands in; the backward's
+// GEMMs run one per fixed column chunk, single-threaded inside at::parallel_for, so no reduction is
+// split by thread count (the tests check 1 vs 2 threads bitwise). Numerics: half/bfloat16 accumulate in float32, float64 in float64; the
 // mask [s >= eps] reads s from direct differences, so x_n = p_q gives dist = 1e-6 and zero
 // gradient through dist.
 #include <ATen/ATen.h>
@@ -46,7 +47,7 @@ namespace {
 constexpr double kEps = 1e-12;    // F.normalize's eps for the norms, and the floor of ||x - p||^2
 constexpr int kRows = 4;          // rows of x per block: they share each load of a prototype
 constexpr int kLanes = 8;         // independent partial sums per row (vectorisable, no -ffast-math)
-constexpr int64_t kChunkD = 256;  // columns per task of the grad-protos reduction
+constexpr int64_t kChunkD = 128;  // columns per task of the backward's GEMMs
 
 void check_inputs(const char* op, const at::Tensor& x, const at::Tensor& protos) {
   TORCH_CHECK(x.device().is_cpu() && protos.device().is_cpu(), op, ": x and protos must be CPU tensors, got ",
@@ -250,19 +251,19 @@ std::tuple<at::Tensor, at::Tensor> prototype_distance_backward(const at::Tensor&
     const acc_t* G = G_t.const_data_ptr<acc_t>();
     const acc_t* H = H_t.const_data_ptr<acc_t>();
     const scalar_t* xs = x.const_data_ptr<scalar_t>();
-    // K and the per-(n, q) terms of c_q, kept for the grad-protos reduction only.
-    at::Tensor K_t = need_protos ? at::empty({N, Q}, acc_options) : at::Tensor();
+    // K [N, Q] (both gradients are GEMMs of it), r [N] and the per-(n, q) terms of c_q.
+    at::Tensor K_t = at::empty({N, Q}, acc_options);
+    at::Tensor r_t = at::empty({N, 1}, acc_options);
     at::Tensor C_t = need_protos ? at::empty({N, Q}, acc_options) : at::Tensor();
-    acc_t* Kmat = need_protos ? K_t.mutable_data_ptr<acc_t>() : nullptr;
+    acc_t* Kmat = K_t.mutable_data_ptr<acc_t>();
+    acc_t* rvec = r_t.mutable_data_ptr<acc_t>();
     acc_t* Cmat = need_protos ? C_t.mutable_data_ptr<acc_t>() : nullptr;
-    scalar_t* gx = need_x ? grad_x.mutable_data_ptr<scalar_t>() : nullptr;
 
-    // Pass 1: per row block, K, r and (need_x) grad x.
+    // Pass 1: per row block, cos and s recomputed by direct differences, then K, r and C.
     const int64_t blocks = (N + kRows - 1) / kRows;
     at::parallel_for(0, blocks, grain_for(kRows * Q * D), [&](int64_t begin, int64_t end) {
       RowBlock<scalar_t> block(xs, N, D);
       acc_t dot[kRows], sq[kRows], a[kRows], x_norm[kRows], w_sum[kRows], gcos_sum[kRows];
-      std::vector<acc_t> krow(kRows * Q), row(D);
       for (int64_t blk = begin; blk < end; ++blk) {
         const int64_t n0 = block.load(blk);
         for (int r = 0; r < block.rows; ++r) {
@@ -281,79 +282,61 @@ std::tuple<at::Tensor, at::Tensor> prototype_distance_backward(const at::Tensor&
             const acc_t dist = std::sqrt(std::max(sq[r], eps));
             const acc_t w = sq[r] >= eps ? H[o] / dist : acc_t(0);  // W = H [s >= eps] / dist
             const acc_t gcos = G[o] * cos;
-            const acc_t k = G[o] / ab - w;  // K = G / (a b) - W
-            krow[r * Q + q] = k;
+            Kmat[o] = G[o] / ab - w;  // K = G / (a b) - W
             w_sum[r] += w;
             gcos_sum[r] += gcos;
-            if (Kmat != nullptr) {
-              Kmat[o] = k;
+            if (Cmat != nullptr) {
               Cmat[o] = p_mask ? w - gcos / (b * b) : w;  // the (n, q) term of c_q
             }
           }
         }
-        if (gx == nullptr) {
-          continue;
-        }
-        for (int r = 0; r < block.rows; ++r) {
-          // grad x_n = sum_q K[n, q] p_q + r_n x_n,  r_n = sum_q W - [|x_n| >= eps] sum_q G cos / a_n^2
-          const acc_t rn = x_norm[r] >= eps ? w_sum[r] - gcos_sum[r] / (a[r] * a[r]) : w_sum[r];
-          const acc_t* xr = block.ptr[r];
-          for (int64_t d = 0; d < D; ++d) {
-            row[d] = rn * xr[d];
-          }
-          for (int64_t q = 0; q < Q; ++q) {
-            const acc_t k = krow[r * Q + q];
-            const acc_t* pq = p + q * D;
-            for (int64_t d = 0; d < D; ++d) {
-              row[d] += k * pq[d];
-            }
-          }
-          scalar_t* out = gx + (n0 + r) * D;
-          for (int64_t d = 0; d < D; ++d) {
-            out[d] = static_cast<scalar_t>(row[d]);
-          }
+        for (int r = 0; r < block.rows; ++r) {  // r_n = sum_q W - [|x_n| >= eps] sum_q G cos / a_n^2
+          rvec[n0 + r] = x_norm[r] >= eps ? w_sum[r] - gcos_sum[r] / (a[r] * a[r]) : w_sum[r];
         }
       }
     });
-    if (!need_protos) {
-      return;
-    }
-    // c_q = sum_n C[n, q], in ascending n.
-    std::vector<acc_t> c(Q, acc_t(0));
-    for (int64_t n = 0; n < N; ++n) {
-      for (int64_t q = 0; q < Q; ++q) {
-        c[q] += Cmat[n * Q + q];
+    // Pass 2: both gradients as ATen GEMMs over the [N, Q] matrix K, in fixed chunks of kChunkD
+    // columns run by at::parallel_for: BLAS then runs single-threaded inside each task and never
+    // splits a reduction (over Q for grad x, over N for grad P), so the bits do not depend on the
+    // thread count.
+    // (detached: ATen's out= GEMMs refuse inputs that require grad, as the op's inputs may)
+    const at::Tensor x_acc = x.detach().to(acc_dtype<scalar_t>());
+    at::Tensor c_t;
+    if (need_protos) {  // c_q = sum_n C[n, q], in ascending n
+      c_t = at::zeros({Q, 1}, acc_options);
+      acc_t* c = c_t.mutable_data_ptr<acc_t>();
+      for (int64_t n = 0; n < N; ++n) {
+        for (int64_t q = 0; q < Q; ++q) {
+          c[q] += Cmat[n * Q + q];
+        }
       }
     }
-    // Pass 2: grad p_q = sum_n K[n, q] x_n + c_q p_q, per chunk of columns, ascending n.
-    scalar_t* gp = grad_p.mutable_data_ptr<scalar_t>();
+    // float32 / float64: the GEMMs write the gradients in place; half / bfloat16: acc_t buffers
+    constexpr bool kSame = std::is_same_v<scalar_t, acc_t>;
+    at::Tensor gx = !need_x ? at::Tensor() : (kSame ? grad_x : at::empty({N, D}, acc_options));
+    at::Tensor gp = !need_protos ? at::Tensor() : (kSame ? grad_p : at::empty({Q, D}, acc_options));
+    const at::Tensor Kt = K_t.t();
+    const at::Tensor P_acc = p_t.detach();
     const int64_t chunks = (D + kChunkD - 1) / kChunkD;
-    at::parallel_for(0, chunks, grain_for(N * Q * kChunkD), [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> acc(Q * kChunkD);
+    at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t chunk = begin; chunk < end; ++chunk) {
         const int64_t d0 = chunk * kChunkD, len = std::min(kChunkD, D - d0);
-        std::fill(acc.begin(), acc.end(), acc_t(0));
-        for (int64_t n = 0; n < N; ++n) {
-          const scalar_t* xr = xs + n * D + d0;
-          const acc_t* kn = Kmat + n * Q;
-          for (int64_t q = 0; q < Q; ++q) {
-            const acc_t k = kn[q];
-            acc_t* aq = acc.data() + q * kChunkD;
-            for (int64_t d = 0; d < len; ++d) {
-              aq[d] += k * static_cast<acc_t>(xr[d]);
-            }
-          }
+        if (need_x) {  // grad x = K @ P + r x
+          at::Tensor o = gx.narrow(1, d0, len);
+          at::mm_out(o, K_t, P_acc.narrow(1, d0, len));
+          o.addcmul_(r_t, x_acc.narrow(1, d0, len));
         }
-        for (int64_t q = 0; q < Q; ++q) {
-          const acc_t* aq = acc.data() + q * kChunkD;
-          const acc_t* pq = p + q * D + d0;
-          scalar_t* out = gp + q * D + d0;
-          for (int64_t d = 0; d < len; ++d) {
-            out[d] = static_cast<scalar_t>(aq[d] + c[q] * pq[d]);
-          }
+        if (need_protos) {  // grad P = K^T @ x + c P
+          at::Tensor o = gp.narrow(1, d0, len);
+          at::mm_out(o, Kt, x_acc.narrow(1, d0, len));
+          o.addcmul_(c_t, P_acc.narrow(1, d0, len));
         }
       }
     });
+    if constexpr (!kSame) {
+      if (need_x) grad_x.copy_(gx);
+      if (need_protos) grad_p.copy_(gp);
+    }
   });
   return {grad_x, grad_p};
 }
