@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -54,3 +56,40 @@ def test_forced_backend_covers_the_backward(monkeypatch):
     assert rows and all(r.error is None for r in rows)
     assert chosen["fwd"] and set(chosen["fwd"]) == {"reference"}
     assert chosen["bwd"] and set(chosen["bwd"]) == {"reference"}
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _png_shape(path):
+    """(height, width) of a PNG, read back with matplotlib."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.image
+
+    return matplotlib.image.imread(str(path)).shape[:2]
+
+
+def test_visualize_superpixels_writes_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("skimage")
+    out = tmp_path / "sp.png"
+    proc = _run(["python/visualize_superpixels.py", "--size", "48x48", "--out", str(out)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"wrote {out}" in proc.stdout and "48x48" in proc.stdout
+    assert out.read_bytes()[:8] == _PNG_SIGNATURE
+    h, w = _png_shape(out)
+    assert 300 <= h <= 1000 and 1000 <= w <= 2000 and w > 2 * h, (h, w)   # three panels side by side
+
+
+def test_sgg_bench_writes_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    out, png = tmp_path / "b.json", tmp_path / "p.png"
+    proc = _run(["-m", "sgg_kernels.bench", "--device", "cpu", "--size", "small", "--ops", "cluster_dispatch",
+                 "--no-compile", "--min-time", "0.01", "--no-progress", "--out", str(out), "--plot", str(png)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"wrote {png}" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert png.read_bytes()[:8] == _PNG_SIGNATURE
+    h, w = _png_shape(png)
+    assert h >= 200 and w >= 300, (h, w)
