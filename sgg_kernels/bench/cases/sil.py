@@ -16,6 +16,7 @@ name     B   D    map H x W  heads  C   K   note
 small    2   64   16 x 16    2      16  6   pytest-benchmark default
 mid      2   256  32 x 48    4      49  20  the CPU default of sgg-bench
 paper    4   256  64 x 96    4      49  80  Sec. 4.3's block, 20 boxes per image
+sgdet    8   256  128 x 192  4      81  640 DESIGN's cluster sgdet map, 80 boxes per image
 =======  ==  ===  =========  =====  ==  ==  =============================
 
 Boxes: K spread evenly over the B images, random in an image of 16 x the map (spatial_scale 1/16,
@@ -61,6 +62,7 @@ SIZES: Dict[str, SILSize] = {
     "small": SILSize(B=2, D=64, H=16, W=16, heads=2, C=16, K=6),
     "mid": SILSize(B=2, D=256, H=32, W=48, heads=4, C=49, K=20),
     "paper": SILSize(B=4, D=256, H=64, W=96, heads=4, C=49, K=80),
+    "sgdet": SILSize(B=8, D=256, H=128, W=192, heads=4, C=81, K=640),
 }
 
 
