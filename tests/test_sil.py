@@ -527,7 +527,7 @@ def test_bench_case_reference_runs_on_reference_backend(monkeypatch):
     from sgg_kernels.bench import registry
 
     case = registry.get_cases(["sil_block"])[0]
-    assert case.family == "cluster" and set(case.sizes) == {"small", "mid", "paper"}
+    assert case.family == "cluster" and set(case.sizes) == {"small", "mid", "paper", "sgdet"}
     inputs = case.prepare("small", "cpu")
     assert not inputs["block"].training
     chosen = []
