@@ -79,6 +79,10 @@ def _ddp_worker(rank, world, port, out_file):
         if rank == 0:
             torch.save({"loss": torch.stack(losses).mean(),
                         "grads": {n: p.grad for n, p in model.named_parameters()}}, out_file)
+        # both ranks leave together: a rank that tears gloo down while the other still works can
+        # abort ("terminate called without an active exception")
+        dist.barrier()
+        del net
     finally:
         dist.destroy_process_group()
 
