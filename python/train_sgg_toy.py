@@ -225,6 +225,7 @@ def main(argv=None) -> int:
         print(f"wrote {out_dir / 'loss.png'} and {out_dir / 'metrics.json'}")
     if distributed:
         import torch.distributed as dist
+        dist.barrier()  # the other ranks wait for rank 0's evaluation: tearing gloo down early can abort
         dist.destroy_process_group()
     return 0
 
