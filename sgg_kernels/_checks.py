@@ -6,6 +6,7 @@ device sync; they run inside the registered ops, only while ``set_checks(True)``
 """
 from __future__ import annotations
 
+import numbers
 from typing import Optional, Sequence
 
 import torch
@@ -71,6 +72,13 @@ def scalar_param(x: Optional[torch.Tensor], name: str) -> Optional[torch.Tensor]
         got = _describe(x) if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"{name} must be a floating tensor with one element (a learnable scalar), got {got}")
     return x
+
+
+def positive_int(value, name: str, what: str) -> int:
+    """``value`` as an int, if it is an integer >= 1 (not a bool); else a ValueError naming ``name``."""
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive int ({what}), got {value!r}")
+    return int(value)
 
 
 def index_range(index: torch.Tensor, name: str, upper: int, what: str) -> None:

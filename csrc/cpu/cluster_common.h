@@ -1,5 +1,6 @@
-// Shared pieces of the CPU kernels of family cluster (SIL, Eq. 1-3, 9): dtype plumbing, vector
-// loops that compilers vectorize without -ffast-math, and the deterministic per-cluster reduction.
+// Shared pieces of the CPU kernels (first written for family cluster, SIL Eq. 1-3, 9; also used by
+// pairs, masks and prototypes): dtype plumbing, index helpers, vector loops that compilers vectorize
+// without -ffast-math, and the deterministic per-cluster reduction.
 // Math and backward formulas: sgg_kernels/reference/cluster.py (the spec).
 #pragma once
 
@@ -37,6 +38,23 @@ inline int64_t grain_for(int64_t work) {
 
 inline bool in_range(int64_t v, int64_t n) {
   return v >= 0 && v < n;
+}
+
+// The (subject, object) of pair p of pairs [P, 2] when both lie in [0, K) (pairs and masks families).
+inline bool pair_at(const int64_t* pairs, int64_t p, int64_t K, int64_t& s, int64_t& o) {
+  s = pairs[2 * p];
+  o = pairs[2 * p + 1];
+  return in_range(s, K) && in_range(o, K);
+}
+
+// torch.minimum / torch.maximum: NaN if either operand is NaN.
+template <typename T>
+inline T nan_min(T a, T b) {
+  return std::isnan(a) ? a : (std::isnan(b) ? b : std::min(a, b));
+}
+template <typename T>
+inline T nan_max(T a, T b) {
+  return std::isnan(a) ? a : (std::isnan(b) ? b : std::max(a, b));
 }
 
 // `t` as a contiguous tensor of dtype `dtype` (no copy when it already is one).

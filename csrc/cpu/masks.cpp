@@ -44,14 +44,20 @@
 #include <vector>
 
 #include "cluster_common.h"
+#include "masks_common.h"
 
 namespace sgg_kernels {
 namespace masks_cpu {
 
 using cluster_cpu::acc_type;
 using cluster_cpu::grain_for;
-using cluster_cpu::in_range;
 using cluster_cpu::lane_sum;
+using cluster_cpu::nan_max;
+using cluster_cpu::nan_min;
+using cluster_cpu::pair_at;
+using masks_common::check_mask_grad;
+using masks_common::check_mask_inputs;
+using masks_common::MaskArgs;
 
 namespace {
 
@@ -60,68 +66,8 @@ constexpr double kBoxEps = 1e-6;  // BOX_EPS of the reference: box sizes clamped
 // ---------------------------------------------------------------------------------------------
 // Arguments
 // ---------------------------------------------------------------------------------------------
-struct MaskArgs {
-  int64_t K, C, m, P, d, R;
-  bool per_pair;  // kernels [P, 2, d, d] (per pair and role) or [K, d, d] (per object)
-};
 
-// Checks shared by the forward and the backward (the Python layer checks first with friendlier
-// messages; these guard direct calls of the private ops); returns the sizes.
-MaskArgs check_mask_inputs(const char* op, const at::Tensor& masks, const at::Tensor& pairs, const at::Tensor& kernels,
-                           const std::optional<at::Tensor>& boxes, int64_t out_size) {
-  TORCH_CHECK(masks.device().is_cpu(), op, ": masks must be a CPU tensor, got one on ", masks.device());
-  TORCH_CHECK(pairs.device().is_cpu() && kernels.device().is_cpu(), op, ": pairs and kernels must be CPU tensors");
-  TORCH_CHECK(masks.dim() == 4 && masks.size(2) == masks.size(3), op,
-              ": masks must have shape [K, C, m, m] (square masks), got ", masks.sizes());
-  const at::ScalarType dt = masks.scalar_type();
-  TORCH_CHECK(at::isFloatingType(dt), op, ": masks must be float32, float64, float16 or bfloat16, got ", dt);
-  TORCH_CHECK(pairs.dim() == 2 && pairs.size(1) == 2 && pairs.scalar_type() == at::kLong, op,
-              ": pairs must be int64 [P, 2] (subject, object), got ", pairs.scalar_type(), " ", pairs.sizes());
-  TORCH_CHECK(kernels.scalar_type() == dt, op, ": kernels is ", kernels.scalar_type(), " but masks is ", dt,
-              "; pass one dtype");
-  TORCH_CHECK(kernels.dim() == 4 || kernels.dim() == 3, op,
-              ": kernels must have shape [P, 2, d, d] (per pair and role) or [K, d, d] (per object), got ",
-              kernels.sizes());
-  MaskArgs a;
-  a.K = masks.size(0);
-  a.C = masks.size(1);
-  a.m = masks.size(2);
-  a.P = pairs.size(0);
-  a.per_pair = kernels.dim() == 4;
-  a.d = kernels.size(-1);
-  TORCH_CHECK(kernels.size(-2) == a.d && a.d % 2 == 1, op, ": kernels must be square with an odd size d, got ",
-              kernels.sizes());
-  if (a.per_pair) {
-    TORCH_CHECK(kernels.size(0) == a.P && kernels.size(1) == 2, op, ": per-pair kernels must have shape [P, 2, d, d] = [",
-                a.P, ", 2, ", a.d, ", ", a.d, "], got ", kernels.sizes());
-  } else {
-    TORCH_CHECK(kernels.size(0) == a.K, op, ": per-object kernels must have shape [K, d, d] = [", a.K, ", ", a.d, ", ",
-                a.d, "], got ", kernels.sizes());
-  }
-  TORCH_CHECK(out_size >= 0, op, ": out_size must be >= 0, got ", out_size);
-  TORCH_CHECK(boxes.has_value() == (out_size > 0), op,
-              ": pass boxes with out_size > 0 (the union frame) or neither (boxes None, out_size 0: the own "
-              "frames), got boxes ",
-              boxes.has_value() ? "given" : "None", " and out_size ", out_size);
-  a.R = out_size;
-  if (boxes.has_value()) {
-    const at::Tensor& bx = *boxes;
-    TORCH_CHECK(bx.device().is_cpu(), op, ": boxes must be a CPU tensor, got one on ", bx.device());
-    TORCH_CHECK(bx.dim() == 2 && bx.size(0) == a.K && bx.size(1) == 4, op, ": boxes must have shape [K, 4] = [", a.K,
-                ", 4] (x1, y1, x2, y2), got ", bx.sizes());
-    const at::ScalarType box_type = at::toOpMathType(dt);
-    TORCH_CHECK(bx.scalar_type() == box_type, op, ": boxes must be ", box_type, " for ", dt,
-                " masks (float64 for float64, else float32), got ", bx.scalar_type());
-  }
-  return a;
-}
 
-// The (subject, object) of pair p when both lie in [0, K).
-inline bool pair_at(const int64_t* pairs, int64_t p, int64_t K, int64_t& s, int64_t& o) {
-  s = pairs[2 * p];
-  o = pairs[2 * p + 1];
-  return in_range(s, K) && in_range(o, K);
-}
 
 // ---------------------------------------------------------------------------------------------
 // Union-frame resampling taps (reference: _union_weights). One Tap per output row i (axis y) or
@@ -137,15 +83,6 @@ struct Tap {
   acc_t wlo, whi;
 };
 
-// torch.minimum / torch.maximum: NaN if either is NaN.
-template <typename T>
-inline T nan_min(T a, T b) {
-  return std::isnan(a) ? a : (std::isnan(b) ? b : std::min(a, b));
-}
-template <typename T>
-inline T nan_max(T a, T b) {
-  return std::isnan(a) ? a : (std::isnan(b) ? b : std::max(a, b));
-}
 
 template <typename acc_t>
 Tap<acc_t> axis_tap(acc_t u1, acc_t u2, acc_t b1, acc_t b2, int64_t i, int64_t R, int64_t m) {
@@ -398,7 +335,8 @@ std::vector<Tap<acc_t>> pair_taps(const acc_t* boxes, const int64_t* pairs, cons
 // ---------------------------------------------------------------------------------------------
 at::Tensor pair_mask_conv(const at::Tensor& masks_in, const at::Tensor& pairs_in, const at::Tensor& kernels_in,
                           const std::optional<at::Tensor>& boxes_in, int64_t out_size) {
-  const MaskArgs a = check_mask_inputs("pair_mask_conv", masks_in, pairs_in, kernels_in, boxes_in, out_size);
+  const MaskArgs a =
+      check_mask_inputs("pair_mask_conv", c10::DeviceType::CPU, masks_in, pairs_in, kernels_in, boxes_in, out_size);
   const int64_t side = a.R > 0 ? a.R : a.m;
   at::Tensor out = at::empty({a.P, a.C, side, side}, masks_in.options());
   if (out.numel() == 0) {
@@ -477,14 +415,8 @@ std::tuple<at::Tensor, at::Tensor> pair_mask_conv_backward(const at::Tensor& gra
                                                            const std::optional<at::Tensor>& boxes_in,
                                                            int64_t out_size, bool need_masks, bool need_kernels) {
   const char* op = "pair_mask_conv_backward";
-  const MaskArgs a = check_mask_inputs(op, masks_in, pairs_in, kernels_in, boxes_in, out_size);
-  const int64_t side = a.R > 0 ? a.R : a.m;
-  TORCH_CHECK(grad_in.dim() == 4 && grad_in.size(0) == a.P && grad_in.size(1) == a.C && grad_in.size(2) == side &&
-                  grad_in.size(3) == side,
-              op, ": grad must have shape [P, C, ", side, ", ", side, "] = [", a.P, ", ", a.C, ", ", side, ", ", side,
-              "], got ", grad_in.sizes());
-  TORCH_CHECK(grad_in.scalar_type() == masks_in.scalar_type(), op, ": grad is ", grad_in.scalar_type(),
-              " but masks is ", masks_in.scalar_type(), "; pass one dtype");
+  const MaskArgs a = check_mask_inputs(op, c10::DeviceType::CPU, masks_in, pairs_in, kernels_in, boxes_in, out_size);
+  const int64_t side = check_mask_grad(op, grad_in, masks_in, a);
   at::Tensor d_masks = at::empty({0}, masks_in.options());
   at::Tensor d_kernels = at::empty({0}, kernels_in.options());
   if (need_masks) d_masks = at::zeros(masks_in.sizes(), masks_in.options());

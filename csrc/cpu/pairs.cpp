@@ -30,6 +30,9 @@ using cluster_cpu::acc_dtype;
 using cluster_cpu::acc_type;
 using cluster_cpu::grain_for;
 using cluster_cpu::in_range;
+using cluster_cpu::nan_max;
+using cluster_cpu::nan_min;
+using cluster_cpu::pair_at;
 
 namespace {
 
@@ -45,23 +48,6 @@ void check_boxes(const char* op, const at::Tensor& boxes) {
   TORCH_CHECK(boxes.dim() == 2 && boxes.size(1) == 4 && at::isFloatingType(boxes.scalar_type()), op,
               ": boxes must be a float tensor [K, 4] (x1, y1, x2, y2), got ", boxes.scalar_type(), " ",
               boxes.sizes());
-}
-
-// The (subject, object) of pair p when both lie in [0, K) (the reference's _pair_rows).
-inline bool pair_at(const int64_t* pairs, int64_t p, int64_t K, int64_t& s, int64_t& o) {
-  s = pairs[2 * p];
-  o = pairs[2 * p + 1];
-  return in_range(s, K) && in_range(o, K);
-}
-
-// torch.minimum / torch.maximum: NaN if either operand is NaN.
-template <typename T>
-inline T nan_min(T a, T b) {
-  return std::isnan(a) ? a : (std::isnan(b) ? b : std::min(a, b));
-}
-template <typename T>
-inline T nan_max(T a, T b) {
-  return std::isnan(a) ? a : (std::isnan(b) ? b : std::max(a, b));
 }
 
 // u = (min(x1_s, x1_o), min(y1_s, y1_o), max(x2_s, x2_o), max(y2_s, y2_o)) of boxes rows bs, bo.

@@ -57,6 +57,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import _checks
+from .._backend import checks_enabled
 from ..ops.prototypes import prototype_distance
 
 __all__ = [
@@ -69,20 +70,15 @@ __all__ = [
 ]
 
 
-def _positive_int(value, name: str, what: str) -> int:
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive int ({what}), got {value!r}")
-    return int(value)
-
-
 def _mean(x: Tensor) -> Tensor:
     """Mean that is 0 (not NaN) for an empty tensor: a batch without relations adds no loss."""
     return x.sum() / max(x.numel(), 1)
 
 
-def _eager() -> bool:
-    """Value checks read device data (a sync): only outside torch.compile tracing."""
-    return not torch.compiler.is_compiling()
+def _value_checks() -> bool:
+    """Value checks read device data (a sync): only while ``sgg_kernels.set_checks(True)`` (the
+    package's switch) and outside torch.compile tracing."""
+    return checks_enabled() and not torch.compiler.is_compiling()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -132,9 +128,9 @@ class FDVAE(nn.Module):
 
     def __init__(self, dim: int, num_prototypes: int, num_blocks: int = 6, literal_negation: bool = False):
         super().__init__()
-        self.dim = _positive_int(dim, "dim", "D, the width of the relation features")
-        self.num_prototypes = _positive_int(num_prototypes, "num_prototypes", "Q, one per relation class")
-        self.num_blocks = _positive_int(num_blocks, "num_blocks", "encoder blocks per branch")
+        self.dim = _checks.positive_int(dim, "dim", "D, the width of the relation features")
+        self.num_prototypes = _checks.positive_int(num_prototypes, "num_prototypes", "Q, one per relation class")
+        self.num_blocks = _checks.positive_int(num_blocks, "num_blocks", "encoder blocks per branch")
         self.prototypes = nn.Parameter(torch.randn(self.num_prototypes, self.dim) / math.sqrt(self.dim))
         self.mu_blocks = nn.ModuleList(_EncoderBlock(self.dim, negate=False) for _ in range(self.num_blocks))
         self.sigma_s_blocks = nn.ModuleList(
@@ -267,10 +263,10 @@ class RDE(nn.Module):
                  literal_negation: bool = False, detach_target: bool = True,
                  classifier: Optional[nn.Module] = None, weights: Optional[Dict[str, float]] = None):
         super().__init__()
-        self.dim = _positive_int(dim, "dim", "D, the width of rel_feats")
-        self.num_rel_classes = _positive_int(num_rel_classes, "num_rel_classes", "relation classes")
-        self.num_obj_classes = _positive_int(num_obj_classes, "num_obj_classes", "object classes")
-        hidden = self.dim if info_hidden is None else _positive_int(info_hidden, "info_hidden", "w1's width")
+        self.dim = _checks.positive_int(dim, "dim", "D, the width of rel_feats")
+        self.num_rel_classes = _checks.positive_int(num_rel_classes, "num_rel_classes", "relation classes")
+        self.num_obj_classes = _checks.positive_int(num_obj_classes, "num_obj_classes", "object classes")
+        hidden = self.dim if info_hidden is None else _checks.positive_int(info_hidden, "info_hidden", "w1's width")
         if not isinstance(margin, numbers.Real) or isinstance(margin, bool) or margin < 0:
             raise ValueError(f"margin must be a float >= 0, got {margin!r}")
         self.margin, self.literal, self.detach_target = float(margin), bool(literal), bool(detach_target)
@@ -299,7 +295,7 @@ class RDE(nn.Module):
                                           ("obj_labels", obj_labels, self.num_obj_classes, "num_obj_classes")):
             _checks.tensor(labels, name, "P", kind="index")
             _checks.size(labels, name, 0, N, "P, the rows of rel_feats")
-            if _eager():
+            if _value_checks():
                 _checks.index_range(labels, name, upper, what)
         _checks.same_device([("rel_feats", rel_feats), ("rel_labels", rel_labels), ("subj_labels", subj_labels),
                              ("obj_labels", obj_labels)])
@@ -335,7 +331,7 @@ class RDE(nn.Module):
             else:
                 _checks.tensor(shuffle, "shuffle", "P", kind="index")
                 _checks.size(shuffle, "shuffle", 0, rel_feats.shape[0], "P, the rows of rel_feats")
-                if _eager():
+                if _value_checks():
                     _checks.index_range(shuffle, "shuffle", rel_feats.shape[0], "P, the rows of rel_feats")
             shuffled = self.fdvae.shuffled(mu, sigma, shuffle)  # f'' = W_dec(mu_k + lambda sigma_j)
             logits = self.classifier(torch.cat([out["recon"], shuffled]))

@@ -48,12 +48,6 @@ __all__ = [
 PER_CHOICES = ("pair", "object")
 
 
-def _positive_int(value, name: str, what: str) -> int:
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive int ({what}), got {value!r}")
-    return int(value)
-
-
 def _check_square_masks(masks: Tensor, name: str, dims: str) -> None:
     _checks.tensor(masks, name, dims)
     if masks.shape[-1] != masks.shape[-2]:
@@ -217,11 +211,11 @@ class _Grounding(nn.Module):
     def __init__(self, in_channels: int, mask_channels: int, out_channels: Optional[int] = None,
                  kernel_size: int = 3):
         super().__init__()
-        self.in_channels = _positive_int(in_channels, "in_channels", "channels of the features")
-        self.mask_channels = _positive_int(mask_channels, "mask_channels", "channels of the masks")
-        self.out_channels = in_channels if out_channels is None else _positive_int(
+        self.in_channels = _checks.positive_int(in_channels, "in_channels", "channels of the features")
+        self.mask_channels = _checks.positive_int(mask_channels, "mask_channels", "channels of the masks")
+        self.out_channels = in_channels if out_channels is None else _checks.positive_int(
             out_channels, "out_channels", "channels of the output")
-        k = _positive_int(kernel_size, "kernel_size", "of the convolution")
+        k = _checks.positive_int(kernel_size, "kernel_size", "of the convolution")
         if k % 2 == 0:
             raise ValueError(f"kernel_size must be odd (a 'same' convolution keeps the m x m size), got {k}")
         self.conv = nn.Conv2d(self.in_channels + self.mask_channels, self.out_channels, k, padding=k // 2)
@@ -354,8 +348,8 @@ class GaussianPairMasks(nn.Module):
     def __init__(self, num_classes: int, kernel_size: int = 7, per: str = "pair", sigmoid: bool = True,
                  init_sigma: float = 1.0):
         super().__init__()
-        self.num_classes = _positive_int(num_classes, "num_classes", "d_g, the target classes")
-        self.kernel_size = _positive_int(kernel_size, "kernel_size", "delta, the Gaussian kernel's size")
+        self.num_classes = _checks.positive_int(num_classes, "num_classes", "d_g, the target classes")
+        self.kernel_size = _checks.positive_int(kernel_size, "kernel_size", "delta, the Gaussian kernel's size")
         if self.kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be odd (the Gaussian kernel has a centre), got {kernel_size}")
         if per not in PER_CHOICES:
@@ -469,9 +463,9 @@ class MaskRefinement(nn.Module):
     def __init__(self, context_channels: int, num_classes: int, hidden: int = 256, num_convs: int = 2,
                  eps: float = 1e-6):
         super().__init__()
-        self.context_channels = _positive_int(context_channels, "context_channels", "D, channels of context")
-        self.num_classes = _positive_int(num_classes, "num_classes", "C, the mask channels")
-        self.hidden = _positive_int(hidden, "hidden", "width of the convolutions")
+        self.context_channels = _checks.positive_int(context_channels, "context_channels", "D, channels of context")
+        self.num_classes = _checks.positive_int(num_classes, "num_classes", "C, the mask channels")
+        self.hidden = _checks.positive_int(hidden, "hidden", "width of the convolutions")
         if not isinstance(num_convs, numbers.Integral) or isinstance(num_convs, bool) or num_convs < 0:
             raise ValueError(f"num_convs must be an int >= 0, got {num_convs!r}")
         if not isinstance(eps, numbers.Real) or not 0 < eps < 0.5:

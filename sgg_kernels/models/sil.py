@@ -38,12 +38,6 @@ REF_SAMPLING_RATIO = 2
 REF_ALIGNED = True
 
 
-def _positive_int(value, name: str, what: str) -> int:
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive int ({what}), got {value!r}")
-    return int(value)
-
-
 def _choice(value, name: str, choices) -> str:
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(repr(c) for c in choices)}, got {value!r}")
@@ -209,18 +203,18 @@ class SILBlock(nn.Module):
                  similarity: str = "cosine", intra_weighting: str = "inverse_distance", use_intra: bool = True,
                  use_cross: bool = True, literal_eq4: bool = False, encoder_ffn: Optional[int] = None):
         super().__init__()
-        self.dim = _positive_int(dim, "dim", "D, channels of the feature map")
-        self.num_centers = _positive_int(num_centers, "num_centers", "C, a perfect square such as 49 = 7 x 7")
+        self.dim = _checks.positive_int(dim, "dim", "D, channels of the feature map")
+        self.num_centers = _checks.positive_int(num_centers, "num_centers", "C, a perfect square such as 49 = 7 x 7")
         self.per_dim = math.isqrt(self.num_centers)
         if self.per_dim ** 2 != self.num_centers:
             raise ValueError(f"num_centers must be a perfect square (centres on a sqrt(C) x sqrt(C) grid, "
                              f"e.g. 49 = 7 x 7), got {num_centers}")
-        self.heads = _positive_int(heads, "heads", "clustering heads")
+        self.heads = _checks.positive_int(heads, "heads", "clustering heads")
         if self.dim % self.heads:
             raise ValueError(f"dim = {dim} must be divisible by heads = {heads} "
                              "(each head clusters dim / heads channels)")
-        self.knn = None if knn is None else _positive_int(knn, "knn", "n_k, the points averaged per centre in Eq. 1")
-        mlp_hidden = _positive_int(mlp_hidden, "mlp_hidden", "hidden width of H'")
+        self.knn = None if knn is None else _checks.positive_int(knn, "knn", "n_k, the points averaged per centre in Eq. 1")
+        mlp_hidden = _checks.positive_int(mlp_hidden, "mlp_hidden", "hidden width of H'")
         self.similarity = _choice(similarity, "similarity", SIMILARITIES)
         self.intra_weighting = _choice(intra_weighting, "intra_weighting", INTRA_WEIGHTINGS)
         self.use_intra, self.use_cross, self.literal_eq4 = bool(use_intra), bool(use_cross), bool(literal_eq4)
@@ -238,12 +232,12 @@ class SILBlock(nn.Module):
         self.h_a = nn.Linear(self.dim, self.dim) if self.use_intra else None
         # Eq. 7-8: the cross-entity Transformer encoder.
         if self.use_cross:
-            encoder_layers = _positive_int(encoder_layers, "encoder_layers", "Transformer encoder layers")
-            encoder_head_dim = _positive_int(encoder_head_dim, "encoder_head_dim", "width of each attention head")
+            encoder_layers = _checks.positive_int(encoder_layers, "encoder_layers", "Transformer encoder layers")
+            encoder_head_dim = _checks.positive_int(encoder_head_dim, "encoder_head_dim", "width of each attention head")
             if self.dim % encoder_head_dim:
                 raise ValueError(f"dim = {dim} must be divisible by encoder_head_dim = {encoder_head_dim} "
                                  "(the encoder has dim / encoder_head_dim heads)")
-            ffn = mlp_hidden if encoder_ffn is None else _positive_int(encoder_ffn, "encoder_ffn", "feed-forward width")
+            ffn = mlp_hidden if encoder_ffn is None else _checks.positive_int(encoder_ffn, "encoder_ffn", "feed-forward width")
             layer = nn.TransformerEncoderLayer(self.dim, self.dim // encoder_head_dim, dim_feedforward=ffn,
                                                dropout=float(dropout), batch_first=True, norm_first=False)
             self.encoder = nn.TransformerEncoder(layer, encoder_layers, enable_nested_tensor=False)
@@ -419,8 +413,13 @@ class SILBlock(nn.Module):
         """
         _check_map(feature_map, self.dim)
         _check_boxes(feature_map, boxes, box_batch, spatial_scale, ref_feats, self.dim)
+        return self._forward(feature_map, boxes, _checked_batch(box_batch, feature_map.shape[0]), spatial_scale,
+                             ref_feats)
+
+    def _forward(self, feature_map: Tensor, boxes: Tensor, box_batch: Tensor, spatial_scale: float,
+                 ref_feats: Optional[Tensor]) -> Tensor:
+        """:meth:`forward` on arguments already checked (box_batch's values included)."""
         B, _, H, W = feature_map.shape
-        box_batch = _checked_batch(box_batch, B)
         center_feats, assign, sim, points = self.cluster(feature_map)                # Eq. 1-3
         if self.use_intra:
             if ref_feats is None:
@@ -447,7 +446,7 @@ class SILNetwork(nn.Module):
 
     def __init__(self, dim: int = 256, depth: int = 2, **block_kwargs):
         super().__init__()
-        depth = _positive_int(depth, "depth", "the number of SIL blocks")
+        depth = _checks.positive_int(depth, "depth", "the number of SIL blocks")
         self.blocks = nn.ModuleList([SILBlock(dim, **block_kwargs) for _ in range(depth)])
         self.dim = self.blocks[0].dim
 
@@ -456,10 +455,10 @@ class SILNetwork(nn.Module):
         """Same arguments and result as :meth:`SILBlock.forward`."""
         _check_map(feature_map, self.dim)
         _check_boxes(feature_map, boxes, box_batch, spatial_scale, ref_feats, self.dim)
+        box_batch = _checked_batch(box_batch, feature_map.shape[0])  # once for every block
         if ref_feats is None and any(block.use_intra for block in self.blocks):
-            box_batch = _checked_batch(box_batch, feature_map.shape[0])
             ref_feats = reference_features(feature_map, boxes, box_batch, spatial_scale)
         x = feature_map
-        for block in self.blocks:
-            x = block(x, boxes, box_batch, spatial_scale, ref_feats)
+        for block in self.blocks:  # every block keeps the [B, dim, H, W] shape checked above
+            x = block._forward(x, boxes, box_batch, spatial_scale, ref_feats)
         return x
