@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Compile-check every CUDA source (csrc/cuda/*.cu) with nvcc, without linking.
+# Compile-check CUDA sources (csrc/cuda/*.cu) with nvcc, without linking: a quick development check
+# (`make cuda-check FILES=csrc/cuda/pairs.cu`). CI builds and loads the real extension instead
+# (.ci/cuda_build.sh).
 #
 # Works on a machine without a GPU or CUDA libraries (the CI machine): it only needs nvcc and an
 # installed torch (CPU wheels ship the c10/cuda and ATen/cuda headers). Objects go to a temporary
@@ -48,7 +50,7 @@ FLAGS=(
   -c "-arch=$ARCH" -std=c++17 -O2
   # CPU torch wheels lack c10/cuda/impl/cuda_cmake_macros.h; this is what it would define.
   -DC10_CUDA_BUILD_SHARED_LIBS -DC10_CUDA_NO_CMAKE_CONFIGURE_FILE
-  -DSGG_KERNELS_WITH_CUDA=1 -DPy_LIMITED_API=0x03090000
+  -DSGG_KERNELS_WITH_CUDA=1 -DPy_LIMITED_API=0x030A0000
   "${TORCH_NVCC_FLAGS[@]}"
   -Xcompiler -fPIC -Xcompiler -Wall
   -Xptxas -warn-spills,-warn-lmem-usage

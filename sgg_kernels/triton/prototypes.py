@@ -42,7 +42,7 @@ from ._prototypes_kernels import (
 
 # ---------------------------------------------------------------------------------------------
 # Configuration: one fixed config (the interpreter cannot autotune), checked by compiling every
-# kernel for sm_90 with ptxas at the benchmark sizes (.ci/check_triton_sm90.py: N = 2,400 and
+# kernel for sm_90 with ptxas at the benchmark sizes (.ci/check_triton_compile.py: N = 2,400 and
 # 25,280, Q = 51, D = 4096, every dtype). The distance slab [BLOCK_N, BLOCK_Q, BLOCK_DIST_D] is
 # what a program holds in registers: 8K elements (fp32) compile to 128 registers without spills.
 # The grad GEMMs (fp32 FMA dots on converted operands) spilled 0.3-0.4 KB per thread in fp16/bf16

@@ -1,4 +1,5 @@
-"""Compile every Triton kernel launch of the package for sm_90 (H100) on a machine without a GPU.
+"""Compile every Triton kernel launch of the package for sm_90 (H100/H200) and sm_80 (A100) on a
+machine without a GPU.
 
 The interpreter (TRITON_INTERPRET=1, used by the tests) runs kernels as numpy and accepts things
 the GPU compiler rejects (a plain Python float global inside a kernel, for one). This check
@@ -8,8 +9,10 @@ and reports registers, spill bytes and shared memory per kernel. Exit status 1 o
 error (spills are reported, not failed). Uses Triton's AOT entry points (``ASTSource``,
 ``triton.compile`` with a ``GPUTarget``), checked with triton 3.6.
 
-    TRITON_INTERPRET=0 python .ci/check_triton_sm90.py
+    TRITON_INTERPRET=0 python .ci/check_triton_compile.py            # sm_90 and sm_80
+    TRITON_INTERPRET=0 python .ci/check_triton_compile.py --arch 90  # one architecture
 """
+import argparse
 import os
 import re
 import subprocess
@@ -28,7 +31,7 @@ import sgg_kernels.triton.prototypes as proto_launchers  # noqa: E402
 
 LAUNCHER_MODULES = (launchers, pair_launchers, proto_launchers)  # every module whose `_..._kernel` attributes get wrapped
 
-TARGET = GPUTarget("cuda", 90, 32)
+ARCHS = (90, 80)  # H100/H200, A100: Hopper's wgmma/TMA paths and Ampere's mma paths differ
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/ptxas")
 DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
          torch.int64: "i64", torch.int32: "i32"}
@@ -38,7 +41,7 @@ class Recorder:
     """Stands in for ``@triton.jit`` kernels in the launcher module: compiles instead of running."""
 
     def __init__(self):
-        self.seen, self.lines, self.errors, self.tag = set(), [], [], ""
+        self.seen, self.lines, self.errors, self.tag, self.arch = set(), [], [], "", ARCHS[0]
 
     def wrap(self, fn):
         recorder = self
@@ -71,25 +74,26 @@ class Recorder:
                         attrs[(i,)] = [["tt.divisibility", 16]]
             else:
                 raise TypeError(f"{fn.__name__}: argument {name} of type {type(v).__name__}")
-        key = (fn.__name__, tuple(sorted(sig.items())), tuple(sorted((k, str(v)) for k, v in const.items())),
+        key = (self.arch, fn.__name__, tuple(sorted(sig.items())), tuple(sorted((k, str(v)) for k, v in const.items())),
                tuple(sorted(opts.items())))
         if key in self.seen:
             return
         self.seen.add(key)
         try:
-            compiled = triton.compile(ASTSource(fn, sig, const, attrs), target=TARGET, options=opts)
+            compiled = triton.compile(ASTSource(fn, sig, const, attrs), target=GPUTarget("cuda", self.arch, 32),
+                                      options=opts)
         except Exception as exc:  # noqa: BLE001  (report every failure, then exit 1)
-            self.errors.append(f"{self.tag} {fn.__name__}: {exc!r}"[:3000])
+            self.errors.append(f"sm_{self.arch} {self.tag} {fn.__name__}: {exc!r}"[:3000])
             print("COMPILE ERROR", self.errors[-1], flush=True)
             return
         with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
             f.write(compiled.asm["ptx"])
-        report = subprocess.run([PTXAS, "-arch=sm_90a", "-v", f.name, "-o", "/dev/null"], capture_output=True, text=True).stderr
+        report = subprocess.run([PTXAS, f"-arch=sm_{self.arch}{'a' if self.arch == 90 else ''}", "-v", f.name, "-o", "/dev/null"], capture_output=True, text=True).stderr
         os.unlink(f.name)
         regs = ",".join(re.findall(r"Used (\d+) registers", report))
         spill = ",".join(re.findall(r"(\d+) bytes spill stores", report))
         flags = {k: str(v) for k, v in const.items() if k.isupper()}
-        self.lines.append(f"{self.tag:26s} {fn.__name__:36s} regs={regs:4s} spill={spill:3s} smem={compiled.metadata.shared:6d} {flags}")
+        self.lines.append(f"sm_{self.arch} {self.tag:26s} {fn.__name__:36s} regs={regs:4s} spill={spill:3s} smem={compiled.metadata.shared:6d} {flags}")
         print(self.lines[-1], flush=True)
 
 
@@ -143,11 +147,24 @@ def launch_prototypes(rec, N, Q, D, dtype, layout):
 
 
 def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", default=",".join(map(str, ARCHS)), help="compute capabilities x10, comma-separated (default: 90,80)")
+    archs = [int(a) for a in ap.parse_args().arch.split(",") if a.strip()]
     rec = Recorder()
     for module in LAUNCHER_MODULES:
         for name in dir(module):
             if name.startswith("_") and name.endswith("_kernel"):
                 setattr(module, name, rec.wrap(getattr(module, name)))
+    for arch in archs:
+        rec.arch = arch
+        launch_every_size(rec)
+    names = ", ".join(f"sm_{a}" for a in archs)
+    print(f"check_triton_compile: {len(rec.lines)} kernel variants compiled for {names}, {len(rec.errors)} compile errors")
+    return 1 if rec.errors else 0
+
+
+def launch_every_size(rec):
+    """The benchmark sizes (paper, sgdet) and an odd one, of every family, in every dtype."""
     for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
         launch_all(rec, 16, 6144, 49, 64, dtype, False)   # paper
         launch_all(rec, 16, 6144, 49, 64, dtype, True)
@@ -161,8 +178,6 @@ def main() -> int:
         launch_prototypes(rec, 2400, 51, 4096, dtype, "contiguous")   # paper
         launch_prototypes(rec, 25280, 51, 4096, dtype, "strided")     # sgdet
         launch_prototypes(rec, 37, 5, 257, dtype, "transposed")       # odd: Q < 16, D not a block multiple
-    print(f"check_triton_sm90: {len(rec.lines)} kernel variants compiled for sm_90, {len(rec.errors)} compile errors")
-    return 1 if rec.errors else 0
 
 
 if __name__ == "__main__":
