@@ -13,6 +13,7 @@ import time
 import torch
 
 import sgg_kernels as sk
+from _example_args import default_device, parse_device
 
 
 def sil_clustering(fmap: torch.Tensor, heads: int, per_dim: int, alpha, beta, mix: torch.nn.Module):
@@ -32,14 +33,15 @@ def sil_clustering(fmap: torch.Tensor, heads: int, per_dim: int, alpha, beta, mi
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default=default_device(), help="cpu or cuda (default: cuda if visible)")
     parser.add_argument("--size", default="32x48", help="feature map HxW (the paper's scale: 64x96)")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--dim", type=int, default=256)
     args = parser.parse_args()
+    dev = parse_device(parser, args.device)
     H, W = (int(v) for v in args.size.split("x"))
     torch.manual_seed(0)
-    heads, dev = 4, torch.device(args.device)
+    heads = 4
     fmap = torch.randn(args.batch, args.dim, H, W, device=dev, requires_grad=True)
     alpha = torch.nn.Parameter(torch.ones(1, device=dev))
     beta = torch.nn.Parameter(torch.zeros(1, device=dev))

@@ -26,13 +26,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _example_args import parse_device  # noqa: E402
 from sgg_toy import OBJECT_CLASSES, PREDICATES, collate, evaluate, frequency_baseline, make_scene, split_by_image  # noqa: E402
 from sgg_toy.model import ToySGG  # noqa: E402
 
 KS = (5, 10, 20, 50, 100)
 
 
-def parse_args(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--epochs", type=float, default=8.0, help="passes over the training scenes (ignored with --steps)")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
@@ -50,7 +51,11 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads per process")
     p.add_argument("--out-dir", default="runs/sgg_toy", help="where loss.png and metrics.json go")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
 
 
 def seed_everything(seed: int) -> None:
@@ -128,17 +133,16 @@ def format_table(model_metrics, freq_metrics) -> str:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     distributed = world > 1
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    device = parse_device(parser, args.device)  # no CUDA visible: one argparse error line, exit code 2
     if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise SystemExit("--device cuda but torch.cuda.is_available() is False")
-        device = torch.device("cuda", local_rank if distributed else (device.index or 0))
+        device = parse_device(parser, f"cuda:{local_rank}" if distributed else f"cuda:{device.index or 0}")
         torch.cuda.set_device(device)
     if distributed:
         import torch.distributed as dist
@@ -193,8 +197,8 @@ def main(argv=None) -> int:
         sched.step()
         history.append({k: float(v.detach()) for k, v in out["losses"].items()})  # rank 0's shard
         if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{float(out['loss']):.3f}", rel=f"{history[-1]['rel']:.3f}")
+            bar.update(1)  # the loss still requires grad: float() of it would warn every step
+            bar.set_postfix(loss=f"{float(out['loss'].detach()):.3f}", rel=f"{history[-1]['rel']:.3f}")
     if bar is not None:
         bar.close()
     t_train = time.time() - t0

@@ -38,6 +38,7 @@ from skimage.transform import resize  # noqa: E402
 import torch  # noqa: E402
 
 import sgg_kernels as sk  # noqa: E402
+from _example_args import default_device, parse_device  # noqa: E402
 
 # Hand-placed boxes (x1, y1, x2, y2) in the original photo's pixels, with a name each.
 _BOXES = {
@@ -171,8 +172,9 @@ def main():
                         help="spatial bandwidth in grid steps: smaller gives rounder, more regular superpixels")
     parser.add_argument("--boxes", default=None, help='boxes in the photo\'s pixels, "x1,y1,x2,y2;x1,y1,x2,y2"')
     parser.add_argument("--out", default="superpixels.png")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default=default_device(), help="cpu or cuda (default: cuda if visible)")
     args = parser.parse_args()
+    dev = parse_device(parser, args.device)
     per_dim = math.isqrt(args.centers)
     if per_dim < 1 or per_dim * per_dim != args.centers:
         raise SystemExit(f"--centers must be a square number (grid_centers proposes per_dim x per_dim), got {args.centers}")
@@ -188,7 +190,6 @@ def main():
         raise SystemExit(f"--size {H}x{W} has {H * W} pixels, fewer than --centers {args.centers}")
     boxes = _parse_boxes(args.boxes) if args.boxes else _BOXES[args.image]
     small = resize(photo, (H, W), anti_aliasing=True)                        # float64 in [0, 1]
-    dev = torch.device(args.device)
     rgb = torch.from_numpy(small).float().to(dev)
 
     start = time.perf_counter()

@@ -30,15 +30,25 @@ ENV_VAR = "SGG_KERNELS_BACKEND"
 # ---------------------------------------------------------------------------------------------
 # The compiled extension. A missing or broken build never breaks `import sgg_kernels`.
 # ---------------------------------------------------------------------------------------------
+REQUIRE_ENV = "SGG_KERNELS_REQUIRE_EXTENSION"  # "1": a missing or broken _C is an ImportError (the tests set it)
+
 _C = None
 C_ERROR: Optional[str] = None
 try:
     _C = importlib.import_module("sgg_kernels._C")  # registers torch.ops.sgg_kernels._* kernels
 except Exception as exc:  # ImportError, or an undefined symbol from a torch mismatch
     C_ERROR = f"{type(exc).__name__}: {exc}"
+    _where = os.path.dirname(os.path.abspath(__file__))
+    if os.environ.get(REQUIRE_ENV) == "1":
+        raise ImportError(
+            f"sgg_kernels: the compiled extension sgg_kernels._C could not be loaded from {_where} ({C_ERROR}), "
+            f"and {REQUIRE_ENV}=1 asks for it. Build it in place with `pip install --no-build-isolation -e .` "
+            "(or `make build`); after a non-editable install, run Python from outside the source checkout so "
+            "that the installed package, not the checkout's sources, is imported."
+        ) from exc
     warnings.warn(
         "sgg_kernels: the compiled extension sgg_kernels._C could not be loaded "
-        f"({C_ERROR}); the pure-PyTorch reference backend will run instead. "
+        f"from {_where} ({C_ERROR}); the pure-PyTorch reference backend will run instead. "
         "Rebuild with `pip install --no-build-isolation .`, and see `python -m sgg_kernels.info`.",
         RuntimeWarning,
         stacklevel=2,

@@ -1,7 +1,13 @@
-"""Test setup: Triton kernels run on the CPU under the interpreter when no GPU is present.
+"""Test setup: the suite tests what was built; Triton kernels run on the CPU under the interpreter
+when no GPU is present.
 
-TRITON_INTERPRET must be set before any Triton kernel module is imported, hence here, before
-sgg_kernels is imported by any test module.
+Both switches are environment variables set here, before sgg_kernels is imported by any test module,
+so that the subprocesses the tests start (tests/helpers.py: run_python) inherit them:
+
+- SGG_KERNELS_REQUIRE_EXTENSION=1: importing sgg_kernels without its compiled extension is an
+  ImportError, not a warning and a silent fall back to the reference backend. The one test of the
+  fallback asks for it by name (test_machinery.py, SGG_KERNELS_REQUIRE_EXTENSION=0).
+- TRITON_INTERPRET=1 (no GPU): must be set before any Triton kernel module is imported.
 """
 import os
 
@@ -9,6 +15,7 @@ import pytest
 import torch
 
 HAS_CUDA = torch.cuda.is_available()
+os.environ["SGG_KERNELS_REQUIRE_EXTENSION"] = "1"
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 

@@ -2,7 +2,12 @@
 from __future__ import annotations
 
 import math
-from typing import Callable, List, Sequence
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
 
 import pytest
 import torch
@@ -11,6 +16,25 @@ import sgg_kernels as sk
 from sgg_kernels import _backend
 
 HAS_CUDA = torch.cuda.is_available()
+ROOT = Path(__file__).resolve().parents[1]  # the checkout: scripts under python/, benchmarks/
+PACKAGE_PARENT = str(Path(sk.__file__).resolve().parents[1])  # where this process imported sgg_kernels from
+
+
+def run_python(args: Sequence[str], env: Optional[Dict[str, str]] = None, cwd=None, timeout: float = 600):
+    """``python *args`` in a subprocess that imports the same sgg_kernels as this test process.
+
+    Its PYTHONPATH starts with the folder this process imported sgg_kernels from, and it runs in an
+    empty temporary folder unless ``cwd`` is given, so neither the checkout's sources (which lack _C
+    after a non-editable install) nor the working directory can shadow the package under test. It
+    inherits SGG_KERNELS_REQUIRE_EXTENSION=1 from conftest.py: a missing _C fails it. Triton runs
+    compiled (TRITON_INTERPRET=0) unless ``env`` says otherwise. Paths in ``args`` under the
+    checkout should be absolute (``ROOT / "python/x.py"``).
+    """
+    merged = {**os.environ, "TRITON_INTERPRET": "0", **(env or {})}
+    merged["PYTHONPATH"] = os.pathsep.join(p for p in (PACKAGE_PARENT, merged.get("PYTHONPATH")) if p)
+    with tempfile.TemporaryDirectory(prefix="sgg-subprocess-") as scratch:
+        return subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True,
+                              cwd=str(cwd or scratch), env=merged, timeout=timeout)
 
 # Norm-relative tolerance |a - b| / |b| per dtype of the kernel's inputs (the oracle is float64).
 TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}

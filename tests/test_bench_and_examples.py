@@ -1,18 +1,14 @@
 """The benchmark command and the example scripts run end to end (tiny sizes; no timing asserted)."""
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT, run_python
 
 
-def _run(args, **kw):
-    env = {**os.environ, "TRITON_INTERPRET": "0"}
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=600, **kw)
+def _run(args, timeout=600):
+    """The package under test in a subprocess (helpers.run_python); ``python/...`` scripts of the checkout."""
+    return run_python([ROOT / a if str(a).startswith("python/") else a for a in args], timeout=timeout)
 
 
 def test_sgg_bench_writes_results_json(tmp_path):
@@ -93,3 +89,41 @@ def test_sgg_bench_writes_plot(tmp_path):
     assert png.read_bytes()[:8] == _PNG_SIGNATURE
     h, w = _png_shape(png)
     assert h >= 200 and w >= 300, (h, w)
+
+
+def test_sgg_bench_default_output_is_git_ignored(tmp_path):
+    """Without --out, sgg-bench writes benchmarks/results/local/<device>.json (relative to the working
+    directory), a path git ignores: a default run never overwrites a committed result file."""
+    import shutil
+    import subprocess
+
+    proc = run_python(["-m", "sgg_kernels.bench", "--device", "cpu", "--size", "small", "--ops", "cluster_dispatch",
+                       "--no-compile", "--passes", "fwd", "--min-time", "0.01", "--no-progress"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    written = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.json"))
+    assert len(written) == 1 and written[0].startswith("benchmarks/results/local/"), written
+    assert f"wrote {written[0]}" in proc.stdout
+    if shutil.which("git") and (ROOT / ".git").exists():
+        ignored = subprocess.run(["git", "check-ignore", "-q", written[0]], cwd=ROOT)
+        assert ignored.returncode == 0, f"{written[0]} is not git-ignored in the checkout"
+
+
+@pytest.mark.parametrize("script", ["python/superpixel_clustering.py", "python/visualize_superpixels.py",
+                                    "python/train_sgg_toy.py"])
+def test_examples_without_cuda_say_so_in_one_line(script):
+    """``--device cuda`` where this torch sees no GPU: argparse's one-line error (exit code 2) naming the
+    torch build and the way out, not torch's "Torch not compiled with CUDA enabled" traceback."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is visible: --device cuda is valid here")
+    if script.endswith("visualize_superpixels.py"):
+        pytest.importorskip("matplotlib")
+        pytest.importorskip("skimage")
+    proc = _run([script, "--device", "cuda"], timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1, proc.stderr[-3000:]
+    assert "no CUDA device is visible to this torch" in errors[0] and torch.__version__ in errors[0]
+    assert "--device cpu" in errors[0]
+    assert "Traceback" not in proc.stderr and "not compiled with CUDA enabled" not in proc.stderr

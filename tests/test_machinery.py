@@ -1,7 +1,4 @@
 """The op machinery every family reuses: backend choice, checks, autocast, compile, import fallback."""
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -10,7 +7,7 @@ import sgg_kernels as sk
 from sgg_kernels import _backend
 from sgg_kernels.ops import cluster as ops
 
-from helpers import assert_close
+from helpers import assert_close, run_python
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -25,8 +22,6 @@ def _feats(B=2, M=24, D=6, C=4, dtype=torch.float32, seed=0):
 # ---------------------------------------------------------------------------------------------
 def test_extension_loaded():
     """The README's test command builds first: a missing extension is a failure, not a skip."""
-    if os.environ.get("SGG_KERNELS_ALLOW_NO_EXT") == "1":
-        pytest.skip("SGG_KERNELS_ALLOW_NO_EXT=1: testing the reference fallback only")
     assert _backend._C is not None, _backend.C_ERROR
     assert torch.ops.sgg_kernels._built_with_cuda() == (torch.version.cuda is not None and _backend.c_has_cuda())
 
@@ -53,13 +48,30 @@ def test_import_without_extension_falls_back_to_reference(tmp_path):
         "assert 'NOT loaded' in report and 'reference*' in report, report\n"
         "print('fallback ok')\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "TRITON_INTERPRET": "0"})
+    out = run_python(["-c", code], env={_backend.REQUIRE_ENV: "0"})  # this test asks for the fallback
     assert out.returncode == 0, out.stderr
     assert "fallback ok" in out.stdout
 
 
+def test_required_extension_missing_is_an_import_error():
+    """Under the suite's SGG_KERNELS_REQUIRE_EXTENSION=1 a missing _C fails loudly, saying what to do."""
+    code = ("import sys\nsys.modules['sgg_kernels._C'] = None\n"
+            "try:\n    import sgg_kernels\nexcept ImportError as exc:\n    print('raised:', exc)\n")
+    out = run_python(["-c", code])
+    assert out.returncode == 0, out.stderr
+    assert "raised:" in out.stdout and "--no-build-isolation -e ." in out.stdout, out.stdout
+
+
+def test_subprocesses_run_the_package_under_test():
+    """run_python (every subprocess test) imports this process's sgg_kernels, with its _C loaded."""
+    code = "import sgg_kernels, sgg_kernels._backend as b; print(sgg_kernels.__file__); print(b._C is not None)"
+    out = run_python(["-c", code])
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [sk.__file__, "True"], (out.stdout, sk.__file__)
+
+
 def test_info_command():
-    out = subprocess.run([sys.executable, "-m", "sgg_kernels.info"], capture_output=True, text=True)
+    out = run_python(["-m", "sgg_kernels.info"])
     assert out.returncode == 0, out.stderr
     for word in ("torch", "triton", "extension", "cosine_assign", "cluster_dispatch", "cpu:", "cuda:"):
         assert word in out.stdout

@@ -4,16 +4,15 @@ the whole batch."""
 import json
 import os
 import socket
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT, run_python  # noqa: E402
+
 sys.path.insert(0, str(ROOT / "python"))
 
 from sgg_toy import collate, make_scene  # noqa: E402
@@ -23,9 +22,9 @@ BATCH_SEEDS = (0, 1, 2, 3)  # the combined batch; rank r of 2 takes scenes 2r, 2
 MODEL_KW = dict(dim=32, roi_dim=64, union_dim=64, hidden=32)
 
 
-def _run(args):
-    env = {**os.environ, "TRITON_INTERPRET": "0"}
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+def _run(args, timeout=600):
+    """The package under test in a subprocess (helpers.run_python); ``python/...`` scripts of the checkout."""
+    return run_python([ROOT / a if str(a).startswith("python/") else a for a in args], timeout=timeout)
 
 
 def test_train_script_two_steps(tmp_path):
@@ -123,3 +122,14 @@ def test_pair_labels_and_per_image_loss():
     lookup = {(int(s), int(o)): int(p) for s, o, p in b["gt_rels"]}
     for (s, o), lab in zip(pairs.tolist(), labels.tolist()):
         assert lab == lookup.get((s, o), 0)
+
+
+def test_train_script_steps_emit_no_warning(tmp_path):
+    """Three steps with the progress bar on (its postfix reads the loss every step) print no warning,
+    e.g. torch's "Converting a tensor with requires_grad=True to a scalar" from float(loss)."""
+    proc = _run(["python/train_sgg_toy.py", "--steps", "3", "--batch-size", "2", "--train-scenes", "4",
+                 "--val-scenes", "4", "--dim", "32", "--out-dir", str(tmp_path / "run")])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "loss=" in proc.stderr  # the progress bar ran and showed the loss
+    warnings = [line for line in proc.stderr.splitlines() if "Warning" in line]
+    assert not warnings, "\n".join(warnings)

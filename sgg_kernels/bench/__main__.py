@@ -2,12 +2,13 @@
 
 For each (op, size, pass in {fwd, fwd+bwd}, impl in {fused, eager, compile}) it measures the median
 time and the peak memory beyond the inputs, prints a table (speedup = eager median / median) and
-writes ``benchmarks/results/<device>.json``. An impl that fails (a kernel not built yet, a compile
+writes ``benchmarks/results/local/<device>.json`` (git-ignored: a default run never overwrites a
+committed result file; ``--out benchmarks/results/<device>.json`` writes one on purpose). An impl that fails (a kernel not built yet, a compile
 error, out of memory) becomes an error row; the run goes on.
 
 Examples::
 
-    python -m sgg_kernels.bench                          # all ops, mid (CPU) / paper (CUDA)
+    python -m sgg_kernels.bench                          # all ops, mid (CPU, ~2-3 min on 2 cores) / paper (CUDA)
     python -m sgg_kernels.bench --ops cosine_assign,cluster_dispatch --size small,mid
     python -m sgg_kernels.bench --no-compile --passes fwd+bwd --min-time 1
     sgg-bench --device cuda --size paper,sgdet --plot benchmarks/results/h100.png
@@ -26,7 +27,7 @@ from . import registry, report, runner, timing
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 DEFAULT_SIZE = {"cpu": "mid", "cuda": "paper"}
-DEFAULT_OUT = "benchmarks/results/{device}.json"
+DEFAULT_OUT = "benchmarks/results/local/{device}.json"  # git-ignored
 
 
 def _split(text: str) -> List[str]:
@@ -61,7 +62,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="CPU: torch.set_num_threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0, help="seed of the inputs and cotangents (default: 0)")
     p.add_argument("--out", default=None, metavar="PATH",
-                   help=f"JSON file (default: {DEFAULT_OUT}, relative to the working directory; '-' to write none)")
+                   help=f"JSON file (default: {DEFAULT_OUT}, relative to the working directory, git-ignored; "
+                        "name benchmarks/results/<device>.json to publish a result; '-' to write none)")
     p.add_argument("--plot", default=None, metavar="PNG", help="also save a speedup bar chart (needs matplotlib)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--list", action="store_true", help="list the ops and their sizes, then exit")
