@@ -135,8 +135,10 @@ def test_shuffle_index_takes_another_sample():
 # ---------------------------------------------------------------------------------------------
 # RDE
 # ---------------------------------------------------------------------------------------------
-def test_rde_losses_and_gradients_reach_every_parameter():
-    m = _rde()
+@pytest.mark.parametrize("attn_dim", [None, 4], ids=["full", "narrow"])
+def test_rde_losses_and_gradients_reach_every_parameter(attn_dim):
+    m = _rde(attn_dim=attn_dim)
+    assert m.attn_dim == (16 if attn_dim is None else 4)
     feats, rel, subj, obj = _batch()
     feats.requires_grad_()
     losses = m(feats, rel, subj, obj, FDVAE.shuffle_index(feats.shape[0], generator=_gen(0)))
@@ -150,8 +152,9 @@ def test_rde_losses_and_gradients_reach_every_parameter():
     assert feats.grad is not None and feats.grad.abs().sum() > 0
 
 
-def test_rde_terms_match_their_functions():
-    m = _rde(weights={"proto_sep": 0.5, "re": 2.0})
+@pytest.mark.parametrize("attn_dim", [None, 4], ids=["full", "narrow"])
+def test_rde_terms_match_their_functions(attn_dim):
+    m = _rde(weights={"proto_sep": 0.5, "re": 2.0}, attn_dim=attn_dim)
     feats, rel, subj, obj = _batch(seed=4)
     idx = FDVAE.shuffle_index(feats.shape[0], generator=_gen(1))
     losses = m(feats, rel, subj, obj, idx)
@@ -204,9 +207,11 @@ def test_rde_empty_batch():
     assert m.prototypes.grad is not None
 
 
-@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
-def test_rde_compile_fullgraph_matches_eager(backend):
-    m = _rde()
+@pytest.mark.parametrize("backend,attn_dim", [
+    ("aot_eager", None), ("aot_eager", 4),
+    pytest.param("inductor", None, marks=pytest.mark.slow), pytest.param("inductor", 4, marks=pytest.mark.slow)])
+def test_rde_compile_fullgraph_matches_eager(backend, attn_dim):
+    m = _rde(attn_dim=attn_dim)
     feats, rel, subj, obj = _batch(seed=6)
     idx = FDVAE.shuffle_index(feats.shape[0], generator=_gen(3))
 
@@ -248,3 +253,211 @@ def test_rde_bad_inputs():
 
 def test_exported():
     assert sk.models.RDE is RDE and sk.models.FDVAE is FDVAE
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention width (attn_dim): sizes at the widths users have, the paper's full width as an option
+# ---------------------------------------------------------------------------------------------
+PAPER_WIDTH_PARAMS_4096 = 1_259_970_863  # RDE(4096, 51, 151) before attn_dim existed: q, k, v, g all D x D
+
+
+def _num_params(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+def test_rde_default_width_fits_at_dim_4096():
+    """Built on the meta device (no memory): the default stays under 100 M parameters at D = 4096, the
+    full width reproduces the paper-width count, and both agree with the docstring's table."""
+    with torch.device("meta"):
+        default = RDE(dim=4096, num_rel_classes=51, num_obj_classes=151)
+        full = RDE(dim=4096, num_rel_classes=51, num_obj_classes=151, attn_dim=None)
+        named_full = RDE(dim=4096, num_rel_classes=51, num_obj_classes=151, attn_dim="full")
+    assert all(p.is_meta for p in default.parameters())
+    assert default.attn_dim == 128 and full.attn_dim == named_full.attn_dim == 4096
+    assert _num_params(default) <= 100_000_000
+    assert _num_params(full) == _num_params(named_full) == PAPER_WIDTH_PARAMS_4096
+    for n in (_num_params(default), _num_params(full)):
+        assert f"{n:,}" in RDE.__doc__
+    block = default.fdvae.sigma_s_blocks[0]
+    assert block.q.weight.shape == block.k.weight.shape == block.v.weight.shape == (128, 4096)
+    assert block.g[0].weight.shape == (4096, 128)
+
+
+@pytest.mark.parametrize("dim", [512, 1024, 2048])
+def test_rde_parameter_counts_in_docstring(dim):
+    with torch.device("meta"):
+        counts = [_num_params(RDE(dim, 51, 151, attn_dim=a)) for a in ("auto", None)]
+    for n in counts:
+        assert f"{n:,}" in RDE.__doc__, (dim, n)
+
+
+def test_attn_dim_resolution_and_bad_values():
+    from sgg_kernels.models.rde import resolve_attn_dim
+    assert resolve_attn_dim("auto", 4096, 51) == 128
+    assert resolve_attn_dim("auto", 4096, 300) == 300  # a >= Q: the mu branch loses nothing
+    assert resolve_attn_dim("auto", 64, 51) == 64  # never wider than D
+    assert resolve_attn_dim(None, 4096, 51) == resolve_attn_dim("full", 4096, 51) == 4096
+    assert resolve_attn_dim(32, 4096, 51) == 32
+    for bad in (0, -3, 2.5, True, "wide"):
+        with pytest.raises(ValueError, match="attn_dim"):
+            RDE(16, 5, 7, attn_dim=bad)
+    assert FDVAE(16, 5, attn_dim=4).attn_dim == 4
+
+
+def test_narrow_encoder_block_matches_formula():
+    """q, k, v: D -> a; scores scaled by 1 / sqrt(a); g = Linear(a, D) + ReLU back to the residual."""
+    from sgg_kernels.models.rde import _EncoderBlock
+    torch.manual_seed(0)
+    for negate in (False, True):
+        block = _EncoderBlock(6, negate=negate, attn_dim=3).double()
+        x, ref = torch.randn(4, 6, dtype=torch.float64), torch.randn(5, 6, dtype=torch.float64)
+        attn = torch.softmax(block.q(block.norm(x)) @ block.k(ref).T / math.sqrt(3), dim=-1)
+        weights = (1 - attn) / 4 if negate else attn
+        torch.testing.assert_close(block(x, ref), x + block.g(weights @ block.v(ref)))
+        assert block.v(ref).shape == (5, 3)
+
+
+# ---------------------------------------------------------------------------------------------
+# Mixed dtypes and invalid labels
+# ---------------------------------------------------------------------------------------------
+def test_rde_mixed_dtypes_name_the_argument():
+    feats, rel, subj, obj = _batch(dtype=torch.float64)
+    torch.manual_seed(0)
+    m32 = RDE(16, 5, 7, num_blocks=1, classifier=torch.nn.Linear(16, 5))  # float32 parameters
+    with pytest.raises(ValueError, match=r"rel_feats is float64 but the parameters of RDE are float32"):
+        m32(feats, rel, subj, obj)
+    with pytest.raises(ValueError, match=r"rel_feats is float16 .* float32.*autocast"):
+        m32(feats.half(), rel, subj, obj)
+    with pytest.raises(ValueError, match=r"rel_feats is float32 but the parameters of RDE are float64"):
+        _rde()(feats.float(), rel, subj, obj)
+    with pytest.raises(ValueError, match=r"f is float64 but the parameters of FDVAE are float32"):
+        FDVAE(16, 5, num_blocks=1)(feats)
+    mixed = _rde()
+    mixed.classifier.float()
+    with pytest.raises(ValueError, match="classifier's parameters are float32 but RDE's are float64"):
+        mixed(feats, rel, subj, obj)
+
+
+def test_rde_under_autocast_takes_lower_precision_features():
+    """Under torch.autocast the matmuls cast, so bfloat16 features with float32 parameters are fine."""
+    feats, rel, subj, obj = _batch(dtype=torch.float32)
+    torch.manual_seed(0)
+    m = RDE(16, 5, 7, num_blocks=1, classifier=torch.nn.Linear(16, 5), attn_dim=4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = m(feats.bfloat16(), rel, subj, obj)
+    assert torch.isfinite(losses["total"])
+    losses["total"].backward()
+
+
+def test_rde_labels_out_of_range_with_checks_on():
+    m = _rde()
+    feats, rel, subj, obj = _batch()
+    idx = torch.arange(9)
+    cases = [
+        (dict(rel_labels=rel + 5), r"rel_labels holds \d+, outside \[0, 5\) \(num_rel_classes\)"),
+        (dict(rel_labels=rel - 10), r"rel_labels holds -\d+, outside \[0, 5\)"),
+        (dict(subj_labels=subj + 7), r"subj_labels holds \d+, outside \[0, 7\) \(num_obj_classes\)"),
+        (dict(obj_labels=obj - 8), r"obj_labels holds -\d+, outside \[0, 7\) \(num_obj_classes\)"),
+        (dict(shuffle=idx - 1), r"shuffle holds -1, outside \[0, 9\)"),
+    ]
+    for change, match in cases:
+        args = dict(rel_labels=rel, subj_labels=subj, obj_labels=obj, shuffle=idx)
+        args.update(change)
+        with pytest.raises(IndexError, match=match):
+            m(feats, **args)
+
+
+def _invalid_batch():
+    feats, rel, subj, obj = _batch(N=9, seed=8)
+    bad_rel, bad_subj, bad_obj = rel.clone(), subj.clone(), obj.clone()
+    bad_rel[[1, 4]] = torch.tensor([5, -1])        # R = 5
+    bad_subj[[0, 7]] = torch.tensor([7, -100])     # O = 7
+    bad_obj[[2]] = torch.tensor([1000])
+    shuffle = FDVAE.shuffle_index(9, generator=_gen(4))
+    bad_shuffle = shuffle.clone()
+    bad_shuffle[[3]] = 9                           # [0, P)
+    return feats, (rel, subj, obj, shuffle), (bad_rel, bad_subj, bad_obj, bad_shuffle)
+
+
+def test_rde_invalid_labels_with_checks_off_contribute_zeros(monkeypatch):
+    """sk.set_checks(False): no value check runs (so no host sync), no error, no out-of-bounds read,
+    and each invalid entry removes its sample from the terms that use it (means still over P)."""
+    from sgg_kernels import _checks
+    m = _rde()
+    feats, _, (rel, subj, obj, shuffle) = _invalid_batch()
+    sk.set_checks(False)
+
+    def no_value_checks(*a, **k):
+        raise AssertionError("a value check (a host sync) ran with checks off")
+
+    monkeypatch.setattr(_checks, "index_range", no_value_checks)
+    x = feats.clone().requires_grad_()
+    losses = m(x, rel, subj, obj, shuffle)
+    for name, v in losses.items():
+        assert torch.isfinite(v), name
+    losses["total"].backward()
+    assert torch.isfinite(x.grad).all() and all(torch.isfinite(p.grad).all() for p in m.parameters())
+
+    # against the formulas on the valid entries only
+    N = 9
+    out = m.fdvae(feats)
+    ok_rel, ok_subj, ok_obj = (rel >= 0) & (rel < 5), (subj >= 0) & (subj < 7), (obj >= 0) & (obj < 7)
+    ok_shuffle = (shuffle >= 0) & (shuffle < N)
+    D = _D(out["mu"], m.prototypes, literal=False)
+    want_proto = D[ok_rel.nonzero()[:, 0], rel[ok_rel]].sum() / N
+    torch.testing.assert_close(losses["proto"], want_proto)
+    ls, lo = m.info_subj(out["sigma_s"]), m.info_obj(out["sigma_o"])
+    want_info = (F.cross_entropy(ls[ok_subj], subj[ok_subj], reduction="sum")
+                 + F.cross_entropy(lo[ok_obj], obj[ok_obj], reduction="sum")) / N
+    torch.testing.assert_close(losses["info"], want_info)
+    shuffled = m.fdvae.decode(out["mu"][ok_shuffle], out["sigma"][shuffle[ok_shuffle]])
+    ce_recon = F.cross_entropy(m.classifier(out["recon"][ok_rel]), rel[ok_rel], reduction="sum")
+    ok_both = ok_rel[ok_shuffle]
+    ce_shuf = F.cross_entropy(m.classifier(shuffled[ok_both]), rel[ok_shuffle][ok_both], reduction="sum")
+    torch.testing.assert_close(losses["pred_rde"], (ce_recon + ce_shuf) / (2 * N))
+    torch.testing.assert_close(losses["re"], reconstruction_loss(out["recon"], feats))  # uses no label
+
+
+def test_rde_invalid_labels_compiled_fullgraph_match_eager():
+    """The masking is data-independent: it traces in one graph and gives eager's values."""
+    m = _rde()
+    feats, _, (rel, subj, obj, shuffle) = _invalid_batch()
+    sk.set_checks(False)
+    eager = m(feats, rel, subj, obj, shuffle)
+    compiled = torch.compile(m, fullgraph=True, backend="aot_eager")(feats, rel, subj, obj, shuffle)
+    for k in eager:
+        torch.testing.assert_close(compiled[k], eager[k], rtol=1e-9, atol=1e-9)
+
+
+def test_loss_functions_mask_invalid_labels():
+    g = _gen(9)
+    mu, protos = torch.randn(4, 6, generator=g, dtype=torch.float64), torch.randn(3, 6, generator=g, dtype=torch.float64)
+    labels = torch.tensor([0, 3, -1, 2])
+    want = _D(mu, protos, False)[[0, 3], [0, 2]].sum() / 4
+    torch.testing.assert_close(prototype_loss(mu, protos, labels), want)
+    assert prototype_loss(mu, protos[:0], labels).item() == 0
+    ls, lo = torch.randn(4, 5, generator=g, dtype=torch.float64), torch.randn(4, 5, generator=g, dtype=torch.float64)
+    s, o = torch.tensor([0, 5, 4, 1]), torch.tensor([-2, 1, 2, 3])
+    want = (F.cross_entropy(ls[[0, 2, 3]], s[[0, 2, 3]], reduction="sum")
+            + F.cross_entropy(lo[1:], o[1:], reduction="sum")) / 4
+    torch.testing.assert_close(information_loss(ls, lo, s, o), want)
+
+
+def test_rde_rel_labels_beyond_num_rel_classes_are_masked_out_of_pred_rde_too():
+    """Checks off, a classifier with more outputs than num_rel_classes: a label in [R, C) is invalid for
+    RDE (it has no prototype) and leaves pred_rde as well as proto, not only the indices C cannot take."""
+    torch.manual_seed(0)
+    m = RDE(16, 5, 7, num_blocks=1, classifier=torch.nn.Linear(16, 8)).double()
+    feats, rel, subj, obj = _batch()
+    idx = FDVAE.shuffle_index(9, generator=_gen(2))
+    bad = rel.clone()
+    bad[0] = 6  # < 8 outputs, >= 5 classes
+    sk.set_checks(False)
+    got = m(feats, bad, subj, obj, idx)["pred_rde"]
+    out = m.fdvae(feats)
+    ok = torch.arange(9) != 0
+    logits_recon = m.classifier(out["recon"][ok])
+    logits_shuf = m.classifier(m.fdvae.decode(out["mu"], out["sigma"][idx])[ok])
+    want = (F.cross_entropy(logits_recon, rel[ok], reduction="sum")
+            + F.cross_entropy(logits_shuf, rel[ok], reduction="sum")) / 18
+    torch.testing.assert_close(got, want)
