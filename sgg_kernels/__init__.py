@@ -16,6 +16,8 @@ from .ops.cluster import (
     cluster_dispatch,
     cosine_assign,
     gather_mean,
+    grid_centers,
+    grid_points,
     knn_center_features,
     knn_index,
     superpixel_cluster,
@@ -23,7 +25,6 @@ from .ops.cluster import (
 from .ops.masks import gaussian_kernels, pair_mask_conv, transfer_masks
 from .ops.pairs import pair_geometry, pairwise_edge_fusion, roi_align, union_boxes, union_roi_align
 from .ops.prototypes import prototype_distance
-from .reference.cluster import grid_centers, grid_points
 from . import models  # noqa: E402  (thin nn.Modules over the ops above: sk.models.LinkNetHead, ...)
 
 __version__ = "0.1.0"

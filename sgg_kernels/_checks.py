@@ -74,22 +74,67 @@ def scalar_param(x: Optional[torch.Tensor], name: str) -> Optional[torch.Tensor]
     return x
 
 
-def positive_int(value, name: str, what: str) -> int:
-    """``value`` as an int, if it is an integer >= 1 (not a bool); else a ValueError naming ``name``."""
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive int ({what}), got {value!r}")
+def int_at_least(value, name: str, minimum: int, what: str) -> int:
+    """``value`` as an int, if it is an integer >= ``minimum`` (not a bool, not a float such as NaN);
+    else a ValueError naming ``name`` and ``what`` it is. Symbolic ints (``torch.compile``) pass as they are."""
+    if isinstance(value, torch.SymInt):
+        return value
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < minimum:
+        kind = "a positive int" if minimum == 1 else f"an int >= {minimum}"
+        raise ValueError(f"{name} must be {kind} ({what}), got {value!r}")
     return int(value)
 
 
-def index_range(index: torch.Tensor, name: str, upper: int, what: str) -> None:
-    """Value check: every entry of ``index`` in ``[0, upper)``. One reduction and one sync."""
+def positive_int(value, name: str, what: str) -> int:
+    """``value`` as an int, if it is an integer >= 1 (not a bool); else a ValueError naming ``name``."""
+    return int_at_least(value, name, 1, what)
+
+
+def odd_size(value, name: str, maximum: int, what: str) -> int:
+    """``value`` as an int, if it is an odd integer in ``[1, maximum]``; else a ValueError naming ``name``."""
+    if (not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1 or value % 2 == 0
+            or value > maximum):
+        raise ValueError(f"{name} must be a positive odd int <= {maximum} ({what}), got {value!r}")
+    return int(value)
+
+
+def module_dtype(named: Sequence[tuple], owner: str, dtype: torch.dtype) -> None:
+    """Floating inputs ``[(name, tensor or None), ...]`` of a module in its parameters' ``dtype``,
+    unless autocast is on (the module's layers then cast them)."""
+    for name, t in named:
+        if t is None or not t.is_floating_point() or t.dtype == dtype:
+            continue
+        if torch.is_autocast_enabled(t.device.type):
+            return
+        want = str(dtype).replace("torch.", "")
+        raise ValueError(
+            f"{name} is {str(t.dtype).replace('torch.', '')} but the parameters of {owner} are {want}: pass {name} "
+            f"as {want} ({name}.to(torch.{want})), convert the module (module.to({name}.dtype)), "
+            "or run under torch.autocast"
+        )
+
+
+def index_bounds(index: torch.Tensor) -> torch.Tensor:
+    """``[min, max]`` of ``index`` as an int64 tensor on its device (``[0, -1]`` when empty): one
+    reduction and no sync, so that an op can fold it with its other value checks into one sync."""
     if index.numel() == 0:
-        return
-    lo, hi = torch.aminmax(index)
-    lo, hi = int(lo), int(hi)
+        return torch.tensor([0, -1], dtype=torch.int64, device=index.device)
+    return torch.stack(torch.aminmax(index)).to(torch.int64)
+
+
+def check_bounds(lo: int, hi: int, name: str, upper: int, what: str) -> None:
+    """The IndexError of :func:`index_range`, from the host values of :func:`index_bounds`."""
     if lo < 0 or hi >= upper:
         bad = lo if lo < 0 else hi
         raise IndexError(
             f"{name} holds {bad}, outside [0, {upper}) ({what}); "
             "sgg_kernels.set_checks(False) skips this check (out-of-range entries then contribute zeros)"
         )
+
+
+def index_range(index: torch.Tensor, name: str, upper: int, what: str) -> None:
+    """Value check: every entry of ``index`` in ``[0, upper)``. One reduction and one sync."""
+    if index.numel() == 0:
+        return
+    lo, hi = index_bounds(index).tolist()
+    check_bounds(lo, hi, name, upper, what)

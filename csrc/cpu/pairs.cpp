@@ -296,6 +296,25 @@ inline bool axis_sample(T start, T bin, T nn, int64_t p, int64_t i, int64_t size
   return true;
 }
 
+// The cap on the samples per bin and axis: sgg_kernels.reference.pairs.MAX_SAMPLES_PER_BIN_DIM (the
+// same constant in csrc/cuda/pairs.cu). The op layer rejects RoIs above it while value checks are
+// on; here it bounds the work whatever the boxes (checks off, or a direct call of the private op).
+constexpr int64_t kMaxSamplesPerBinDim = 512;
+
+// The reference's samples_per_bin: sampling_ratio if > 0, else ceil(extent / pooled); clamped to
+// [0, kMaxSamplesPerBinDim], NaN (a non-finite box) -> 0, no sample.
+template <typename T>
+inline int64_t samples_per_bin(T extent, int64_t pooled, int64_t sampling_ratio) {
+  if (sampling_ratio > 0) {
+    return std::min(sampling_ratio, kMaxSamplesPerBinDim);
+  }
+  const T q = std::ceil(extent / static_cast<T>(pooled));
+  if (!(q >= T(1))) {  // <= 0 (aligned, x2 < x1) or NaN
+    return 0;
+  }
+  return q >= static_cast<T>(kMaxSamplesPerBinDim) ? kMaxSamplesPerBinDim : static_cast<int64_t>(q);
+}
+
 // The reference's _axis_weights for one RoI: bin = extent / pooled, n samples per bin at
 // start + p bin + (i + 0.5) bin / n.
 template <typename T>
@@ -306,12 +325,7 @@ void axis_bins(T start, T extent, int64_t pooled, int64_t size, int64_t sampling
   a.w.clear();
   a.span_lo = a.span_hi = 0;
   const T bin = extent / static_cast<T>(pooled);
-  int64_t n = sampling_ratio;
-  if (sampling_ratio <= 0) {
-    const T q = std::ceil(extent / static_cast<T>(pooled));
-    // ceil(NaN / inf / beyond int64) reads no sample (the reference's cast gives a negative n).
-    n = (q > T(-4.0e18) && q < T(4.0e18)) ? static_cast<int64_t>(q) : 0;
-  }
+  const int64_t n = samples_per_bin(extent, pooled, sampling_ratio);
   a.n = n;
   if (n <= 0 || size <= 0) {
     return;

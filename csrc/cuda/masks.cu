@@ -124,6 +124,7 @@ __device__ __forceinline__ const scalar_t* role_kernel(const scalar_t* __restric
 //   pos = U.lo + ((i + 0.5) / R) * max(U.hi - U.lo, 1e-6)
 //   f   = (pos - b.lo) / max(b.hi - b.lo, 1e-6) * m - 0.5, clamped to [0, m - 1]
 //   lo  = floor(f), hi = min(lo + 1, m - 1), weights (1 - frac, frac), times [b.lo <= pos <= b.hi]
+//   and f not NaN (a non-finite box: weights 0, index 0)
 // (when lo = hi = m - 1, frac = 0: the weights add up on that one row/column, like scatter_add_).
 // ---------------------------------------------------------------------------------------------
 template <typename acc_t>
@@ -147,14 +148,16 @@ __device__ __forceinline__ Tap<acc_t> axis_tap(acc_t u1, acc_t u2, acc_t b1, acc
   acc_t bw = F::sub(b2, b1);
   bw = bw < eps ? eps : bw;
   acc_t f = F::sub(F::mul(F::div(F::sub(pos, b1), bw), static_cast<acc_t>(m)), half);
-  const acc_t inside = (pos >= b1 && pos <= b2) ? one : zero;
-  f = f < zero ? zero : f;  // torch.clamp(0, m - 1): NaN stays NaN
+  // A NaN coordinate (a non-finite box) reads nothing, like a position outside the box (f == f is
+  // false for NaN): weight 0 at index 0.
+  const acc_t inside = (pos >= b1 && pos <= b2 && f == f) ? one : zero;
+  f = f > zero ? f : zero;  // torch.clamp(0, m - 1) from below; NaN -> 0 (its weights are 0 anyway)
   f = f > top ? top : f;
   acc_t lo_f = floor_acc(f);
   lo_f = lo_f > top ? top : lo_f;
   const acc_t frac = F::sub(f, lo_f);
   Tap<acc_t> t;
-  t.lo = lo_f >= zero ? static_cast<int>(lo_f) : 0;  // NaN: index 0 (never out of bounds)
+  t.lo = lo_f >= zero ? static_cast<int>(lo_f) : 0;  // (f >= 0 and not NaN: never out of bounds)
   t.lo = t.lo > m - 1 ? m - 1 : t.lo;
   t.hi = t.lo + 1 < m - 1 ? t.lo + 1 : m - 1;
   t.wlo = F::sub(one, frac) * inside;

@@ -204,7 +204,8 @@ __global__ void __launch_bounds__(kThreads)
 // RoIAlign, torchvision's semantics. For RoI r (box (x1, y1, x2, y2), image b):
 //   offset = 0.5 if aligned else 0; start = x1 * scale - offset; extent = x2 * scale - offset - start,
 //   clamped to >= 1 unless aligned; bin = extent / pooled; n = sampling_ratio if > 0 else
-//   ceil(extent / pooled); count = max(n_h n_w, 1). Sample i of bin p: start + p*bin + (i+0.5)*bin/n.
+//   ceil(extent / pooled), clamped to [0, kMaxSamplesPerBinDim] (NaN: 0); count = max(n_h n_w, 1).
+//   Sample i of bin p: start + p*bin + (i+0.5)*bin/n.
 //   out[r, d, ph, pw] = 1/count * sum_{iy, ix} bilinear(f[b, d], y_iy, x_ix)
 // (with pairs, the RoI is the union box (Sec. 3.4) of the pair, in the subject's image).
 // ---------------------------------------------------------------------------------------------
@@ -235,6 +236,11 @@ __device__ __forceinline__ bool read_roi(const acc_t* __restrict__ boxes, const 
   return b >= 0 && b < B;
 }
 
+// The cap on the samples per bin and axis: sgg_kernels.reference.pairs.MAX_SAMPLES_PER_BIN_DIM (the
+// same constant in csrc/cpu/pairs.cpp). The op layer rejects RoIs above it while value checks are
+// on; here it bounds the work whatever the boxes (checks off, or a direct call of the private op).
+constexpr int64_t kMaxSamplesPerBinDim = 512;
+
 // One axis of a RoI: start, bin size and the number n of samples per bin (0: no samples).
 template <typename acc_t>
 struct RoiAxis {
@@ -253,12 +259,13 @@ __device__ __forceinline__ RoiAxis<acc_t> roi_axis(acc_t lo, acc_t hi, acc_t sca
   if (!aligned && extent < static_cast<acc_t>(1)) extent = static_cast<acc_t>(1);  // malformed RoIs -> 1x1
   a.bin = R::div(extent, static_cast<acc_t>(pooled));
   if (sampling_ratio > 0) {
-    a.n = sampling_ratio;
+    a.n = sampling_ratio < kMaxSamplesPerBinDim ? sampling_ratio : kMaxSamplesPerBinDim;
   } else {
-    // adaptive: ceil(extent / pooled). A non-finite value (NaN/inf box) gives no samples (the
-    // reference's int64 cast gives a negative count there); <= 0 (aligned, x2 < x1) none either.
+    // adaptive: ceil(extent / pooled), clamped to [0, kMaxSamplesPerBinDim] as the reference's
+    // samples_per_bin: NaN (a non-finite box) and <= 0 (aligned, x2 < x1) give no samples, +inf the cap.
     const acc_t c = ceil_acc(a.bin);
-    a.n = (c >= static_cast<acc_t>(1) && isfinite(c)) ? static_cast<int64_t>(c) : 0;
+    a.n = !(c >= static_cast<acc_t>(1)) ? 0
+          : (c >= static_cast<acc_t>(kMaxSamplesPerBinDim) ? kMaxSamplesPerBinDim : static_cast<int64_t>(c));
   }
   return a;
 }

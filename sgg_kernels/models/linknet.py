@@ -110,6 +110,7 @@ class RelationalEmbedding(nn.Module):
         _checks.size(x, "x", 1, self.in_dim, "in_dim of this RelationalEmbedding")
         _check_box_batch(box_batch, x.shape[0], "K, the rows of x")
         _checks.same_device([("x", x), ("box_batch", box_batch)])
+        _checks.module_dtype([("x", x)], "this RelationalEmbedding", self.fc1.weight.dtype)
 
     def relation(self, x: Tensor, box_batch: Tensor) -> Tensor:
         """Eq. 1: R [K, K], the row-softmax of (x W)(x U)^T over boxes of the same image.
@@ -196,6 +197,7 @@ class GlobalContextEncoding(nn.Module):
         """
         _checks.tensor(feature_map, "feature_map", "B, C, H, W")
         _checks.size(feature_map, "feature_map", 1, self.in_channels, "in_channels")
+        _checks.module_dtype([("feature_map", feature_map)], "this GlobalContextEncoding", self.classifier.weight.dtype)
         c = feature_map.mean(dim=(2, 3))  # average pooling (Sec. 3.3.2)
         return c, self.classifier(c)
 
@@ -346,6 +348,9 @@ class LinkNetHead(nn.Module):
         _checks.same_device([("roi_feats", roi_feats), ("obj_logits", obj_logits), ("context", context),
                              ("boxes", boxes), ("box_batch", box_batch), ("pairs", pairs),
                              ("union_feats", union_feats)])
+        # boxes may be any float dtype (Eq. 17 is computed in float32/float64, then cast)
+        _checks.module_dtype([("roi_feats", roi_feats), ("obj_logits", obj_logits), ("context", context),
+                              ("union_feats", union_feats)], "this LinkNetHead", self.fc4.weight.dtype)
 
     def forward(self, roi_feats: Tensor, obj_logits: Tensor, context: Tensor, boxes: Tensor, box_batch: Tensor,
                 pairs: Tensor, union_feats: Tensor) -> Tuple[Tensor, Tensor]:
@@ -364,9 +369,10 @@ class LinkNetHead(nn.Module):
              rel_logits Tensor[P, num_rel_classes] = G2 of Eq. 14).
 
         Raises:
-            ValueError naming the argument for wrong shapes or widths, or for a pair joining two
-            images; IndexError (as every op of the package) for pair indices outside [0, K) or
-            box_batch values outside [0, B). Value checks follow :func:`sgg_kernels.set_checks`
+            ValueError naming the argument for wrong shapes or widths, for a float input whose dtype
+            is not the head's parameter dtype (outside autocast), or for a pair joining two images;
+            IndexError (as every op of the package) for pair indices outside [0, K) or box_batch
+            values outside [0, B). Value checks follow :func:`sgg_kernels.set_checks`
             and also run under ``torch.compile`` (they are an op of their own).
         """
         self._check(roi_feats, obj_logits, context, boxes, box_batch, pairs, union_feats)

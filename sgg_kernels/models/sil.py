@@ -23,9 +23,8 @@ from torch import Tensor, nn
 
 from .. import _checks
 from .._backend import checks_enabled
-from ..ops.cluster import cluster_dispatch, gather_mean, knn_index, superpixel_cluster
+from ..ops.cluster import cluster_dispatch, gather_mean, grid_centers, grid_points, knn_index, superpixel_cluster
 from ..ops.pairs import roi_align
-from ..reference.cluster import grid_centers, grid_points
 
 __all__ = ["SILBlock", "SILNetwork"]
 
@@ -68,13 +67,18 @@ def _(box_batch, B):
     return torch.empty_like(box_batch)
 
 
-def _check_map(feature_map: Tensor, dim: int) -> None:
+def _check_map(feature_map: Tensor, dim: int, dtype: torch.dtype, owner: str) -> None:
     _checks.tensor(feature_map, "feature_map", "B, D, H, W")
     _checks.size(feature_map, "feature_map", 1, dim, "D, the dim of this SIL block")
+    H, W = feature_map.shape[2:]
+    if H < 1 or W < 1:
+        raise ValueError(f"feature_map is empty (H = {H}, W = {W}, {_checks._describe(feature_map)}): a SIL block "
+                         "clusters the H * W points of the map, so it needs H >= 1 and W >= 1")
+    _checks.module_dtype([("feature_map", feature_map)], owner, dtype)
 
 
 def _check_boxes(feature_map: Tensor, boxes: Tensor, box_batch: Tensor, spatial_scale, ref_feats: Optional[Tensor],
-                 dim: int) -> None:
+                 dim: int, dtype: torch.dtype, owner: str) -> None:
     _checks.tensor(boxes, "boxes", "K, 4")
     _checks.size(boxes, "boxes", 1, 4, "(x1, y1, x2, y2)")
     K = boxes.shape[0]
@@ -84,7 +88,7 @@ def _check_boxes(feature_map: Tensor, boxes: Tensor, box_batch: Tensor, spatial_
         _checks.tensor(ref_feats, "ref_feats", "K, D")
         _checks.size(ref_feats, "ref_feats", 0, K, "K, the rows of boxes")
         _checks.size(ref_feats, "ref_feats", 1, dim, "D, the dim of this SIL block")
-        _checks.same_float_dtype([("feature_map", feature_map), ("ref_feats", ref_feats)])
+        _checks.module_dtype([("ref_feats", ref_feats)], owner, dtype)
     _checks.same_device([("feature_map", feature_map), ("boxes", boxes), ("box_batch", box_batch),
                          ("ref_feats", ref_feats)])
     if (not isinstance(spatial_scale, numbers.Real) or isinstance(spatial_scale, bool)
@@ -253,6 +257,10 @@ class SILBlock(nn.Module):
                 f"similarity={self.similarity!r}, intra_weighting={self.intra_weighting!r}, "
                 f"use_intra={self.use_intra}, use_cross={self.use_cross}, literal_eq4={self.literal_eq4}")
 
+    def _dtype(self) -> torch.dtype:
+        """The dtype of the block's parameters, which its inputs must share (outside autocast)."""
+        return self.h_second.weight.dtype
+
     # -- Eq. 1-3 ------------------------------------------------------------------------------
     def _n_k(self, H: int, W: int) -> int:
         M = H * W
@@ -285,7 +293,7 @@ class SILBlock(nn.Module):
              assign Tensor[B*heads, M] int64, sim Tensor[B*heads, M]: Eq. 2 per head;
              points Tensor[B*heads, M, D/heads]: the input points per head, Eq. 9's residual).
         """
-        _check_map(feature_map, self.dim)
+        _check_map(feature_map, self.dim, self._dtype(), "this SILBlock")
         B, D, H, W = feature_map.shape
         M, C, h = H * W, self.num_centers, self.heads
         points = feature_map.flatten(2).transpose(1, 2)                            # [B, M, D]
@@ -411,8 +419,8 @@ class SILBlock(nn.Module):
         Returns:
             Tensor[B, D, H, W]: F^SIL.
         """
-        _check_map(feature_map, self.dim)
-        _check_boxes(feature_map, boxes, box_batch, spatial_scale, ref_feats, self.dim)
+        _check_map(feature_map, self.dim, self._dtype(), "this SILBlock")
+        _check_boxes(feature_map, boxes, box_batch, spatial_scale, ref_feats, self.dim, self._dtype(), "this SILBlock")
         return self._forward(feature_map, boxes, _checked_batch(box_batch, feature_map.shape[0]), spatial_scale,
                              ref_feats)
 
@@ -453,8 +461,9 @@ class SILNetwork(nn.Module):
     def forward(self, feature_map: Tensor, boxes: Tensor, box_batch: Tensor, spatial_scale: float,
                 ref_feats: Optional[Tensor] = None) -> Tensor:
         """Same arguments and result as :meth:`SILBlock.forward`."""
-        _check_map(feature_map, self.dim)
-        _check_boxes(feature_map, boxes, box_batch, spatial_scale, ref_feats, self.dim)
+        _check_map(feature_map, self.dim, self.blocks[0]._dtype(), "this SILNetwork")
+        _check_boxes(feature_map, boxes, box_batch, spatial_scale, ref_feats, self.dim, self.blocks[0]._dtype(),
+                     "this SILNetwork")
         box_batch = _checked_batch(box_batch, feature_map.shape[0])  # once for every block
         if ref_feats is None and any(block.use_intra for block in self.blocks):
             ref_feats = reference_features(feature_map, boxes, box_batch, spatial_scale)

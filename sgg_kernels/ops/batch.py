@@ -10,6 +10,25 @@ from typing import List, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from .. import _checks
+
+
+def _image_list(value, name: str, what: str) -> list:
+    """``value`` as a list of per-image entries: a list or tuple (not a tensor, which would be one
+    image's rows), with at least one image."""
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"{name} must be a list (one entry per image) of {what}, got {type(value).__name__}")
+    if len(value) == 0:
+        raise ValueError(f"{name} needs at least one image (an empty list has no device or dtype)")
+    return list(value)
+
+
+def _count(value, name: str) -> int:
+    """A per-image box count: an int >= 0, or an integer tensor holding one."""
+    if isinstance(value, Tensor) and value.numel() == 1 and not value.is_floating_point() and value.dtype != torch.bool:
+        value = int(value)
+    return _checks.int_at_least(value, name, 0, "the number of boxes of that image")
+
 
 def pack_boxes(boxes_per_image: Sequence[Tensor]) -> Tuple[Tensor, Tensor]:
     """Concatenate per-image boxes.
@@ -20,12 +39,12 @@ def pack_boxes(boxes_per_image: Sequence[Tensor]) -> Tuple[Tensor, Tensor]:
     Returns:
         (boxes Tensor[K, 4], box_batch Tensor[K] int64), K = sum K_i, images in list order.
     """
-    if len(boxes_per_image) == 0:
-        raise ValueError("pack_boxes needs at least one image (an empty list has no device or dtype)")
+    boxes_per_image = _image_list(boxes_per_image, "boxes_per_image", "Tensor[K_i, 4] boxes")
     for i, b in enumerate(boxes_per_image):
         if not isinstance(b, Tensor) or b.dim() != 2 or b.shape[1] != 4:
             got = list(b.shape) if isinstance(b, Tensor) else type(b).__name__
             raise ValueError(f"boxes_per_image[{i}] must be a Tensor[K_i, 4] of (x1, y1, x2, y2), got {got}")
+    _checks.same_device([(f"boxes_per_image[{i}]", b) for i, b in enumerate(boxes_per_image)])
     device = boxes_per_image[0].device
     counts = torch.tensor([b.shape[0] for b in boxes_per_image], device=device)
     box_batch = torch.repeat_interleave(torch.arange(len(boxes_per_image), device=device), counts)
@@ -37,19 +56,21 @@ def pack_pairs(rel_pair_idxs: Sequence[Tensor], num_objs: Sequence[int]) -> Tens
 
     Args:
         rel_pair_idxs (list of Tensor[P_i, 2] int64): (subject, object) indices local to image i.
-        num_objs (list of int): boxes per image, the K_i of :func:`pack_boxes`.
+        num_objs (list of int, or an int64 Tensor[images]): boxes per image, the K_i of :func:`pack_boxes`.
 
     Returns:
         Tensor[P, 2] int64: indices into the packed boxes (image i's offset is sum_{j<i} K_j).
     """
+    rel_pair_idxs = _image_list(rel_pair_idxs, "rel_pair_idxs", "Tensor[P_i, 2] int64 pairs")
+    if isinstance(num_objs, Tensor) and num_objs.dim() == 1:
+        num_objs = list(num_objs.unbind(0))
+    num_objs = _image_list(num_objs, "num_objs", "box counts K_i (ints), e.g. [len(b) for b in boxes_per_image]")
     if len(rel_pair_idxs) != len(num_objs):
         raise ValueError(f"rel_pair_idxs has {len(rel_pair_idxs)} images but num_objs has {len(num_objs)}")
-    if len(rel_pair_idxs) == 0:
-        raise ValueError("pack_pairs needs at least one image")
     out: List[Tensor] = []
     offset = 0
     for i, (pairs, n) in enumerate(zip(rel_pair_idxs, num_objs)):
-        n = int(n)
+        n = _count(n, f"num_objs[{i}]")
         if not isinstance(pairs, Tensor) or pairs.dim() != 2 or pairs.shape[1] != 2:
             got = list(pairs.shape) if isinstance(pairs, Tensor) else type(pairs).__name__
             raise ValueError(f"rel_pair_idxs[{i}] must be a Tensor[P_i, 2] of (subject, object), got {got}")
@@ -59,6 +80,7 @@ def pack_pairs(rel_pair_idxs: Sequence[Tensor], num_objs: Sequence[int]) -> Tens
             raise IndexError(f"rel_pair_idxs[{i}] holds indices outside [0, {n}) (num_objs[{i}] = {n})")
         out.append(pairs.to(torch.int64) + offset)
         offset += n
+    _checks.same_device([(f"rel_pair_idxs[{i}]", p) for i, p in enumerate(rel_pair_idxs)])
     return torch.cat(out, dim=0)
 
 

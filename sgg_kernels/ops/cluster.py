@@ -63,6 +63,37 @@ def _broadcast_geometry(points: Tensor, centers: Tensor) -> Tuple[Tensor, Tensor
 
 
 # ---------------------------------------------------------------------------------------------
+# grid_points / grid_centers (plain PyTorch, sgg_kernels.reference.cluster, with argument checks)
+# ---------------------------------------------------------------------------------------------
+def grid_points(H: int, W: int, *, device=None, dtype=torch.float32) -> Tensor:
+    """The points of an ``H x W`` feature map as ``[H*W, 2]`` (x, y), row-major: cell (r, c) is
+    (c + 0.5, r + 0.5) in feature-map pixels.
+
+    Args:
+        H, W (int >= 0): rows and columns of the map (0 gives no points, ``[0, 2]``).
+        device, dtype: of the result (float32 by default).
+    """
+    H = _checks.int_at_least(H, "H", 0, "rows of the feature map")
+    W = _checks.int_at_least(W, "W", 0, "columns of the feature map")
+    return ref.grid_points(H, W, device=device, dtype=dtype)
+
+
+def grid_centers(H: int, W: int, per_dim: int, *, device=None, dtype=torch.float32) -> Tensor:
+    """Sec. 3.2: ``per_dim`` centers evenly spaced per dimension of an ``H x W`` map, paired up:
+    ``[per_dim**2, 2]`` (x, y), x_i = (i + 0.5) W / per_dim, y_j = (j + 0.5) H / per_dim, row-major
+    (y outer). ``per_dim = 7`` gives the paper's 49 centers.
+
+    Args:
+        H, W (int >= 1): rows and columns of the map. per_dim (int >= 1): centers per dimension.
+        device, dtype: of the result (float32 by default).
+    """
+    H = _checks.positive_int(H, "H", "rows of the feature map")
+    W = _checks.positive_int(W, "W", "columns of the feature map")
+    per_dim = _checks.positive_int(per_dim, "per_dim", "centers per dimension, e.g. 7 for 49 centers")
+    return ref.grid_centers(H, W, per_dim, device=device, dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------------------
 # knn_index / knn_center_features / gather_mean  (Eq. 1)
 # ---------------------------------------------------------------------------------------------
 @torch.library.custom_op(f"{_LIB}::knn_index", mutates_args=())

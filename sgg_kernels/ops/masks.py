@@ -36,7 +36,9 @@ def gaussian_kernels(params: Tensor, size: int = 7) -> Tensor:
     Args:
         params (Tensor[..., 3]): (log sigma_x^2, log sigma_y^2, raw rho) per kernel. sigma =
             exp(v / 2) is clamped to at least 1e-7, and rho = tanh(raw).
-        size (int): the odd kernel size delta (7 in the paper's released code).
+        size (int): the odd kernel size delta (7 in the paper's released code), at most
+            ``MAX_KERNEL_SIZE`` = 255 (2 x 128 - 1: wide enough to spread over a whole 128 x 128 mask;
+            beyond that a kernel only multiplies zero padding).
 
     Returns:
         Tensor[..., size, size]. kernel[r, c] has u = c - size//2 along x (columns) and
@@ -48,9 +50,8 @@ def gaussian_kernels(params: Tensor, size: int = 7) -> Tensor:
         raise ValueError(f"params must be a floating tensor [..., 3] of (log sx^2, log sy^2, raw rho), got {got}")
     if params.dtype not in _checks.FLOAT_DTYPES:
         raise TypeError(f"params must be a floating tensor [..., 3], got {_checks._describe(params)}")
-    if not isinstance(size, numbers.Integral) or isinstance(size, bool) or size < 1 or size % 2 == 0:
-        raise ValueError(f"size must be a positive odd int (the kernel has a centre), got {size!r}")
-    return ref.gaussian_kernels(params, int(size))
+    size = _checks.odd_size(size, "size", ref.MAX_KERNEL_SIZE, "the kernel has a centre; MAX_KERNEL_SIZE")
+    return ref.gaussian_kernels(params, size)
 
 
 def transfer_masks(mask_logits: Tensor, similarity: Tensor, labels: Tensor) -> Tensor:
@@ -89,17 +90,27 @@ def _mask_boxes(boxes: Optional[Tensor], masks: Tensor) -> Optional[Tensor]:
     return boxes.detach().to(dtype).contiguous()
 
 
-def _check_conv_values(pairs: Tensor, K: int) -> None:
-    _checks.index_range(pairs, "pairs", K, "K, the number of masks")
+def _check_conv_values(pairs: Tensor, K: int, boxes: Optional[Tensor]) -> None:
+    """Value checks, one fused reduction and one sync: pairs in [0, K); boxes (if given) finite."""
+    if boxes is None:
+        _checks.index_range(pairs, "pairs", K, "K, the number of masks")
+        return
+    non_finite = ~torch.isfinite(boxes).all(1)
+    lo, hi, bad = torch.cat([_checks.index_bounds(pairs), non_finite.sum().reshape(1)]).tolist()
+    _checks.check_bounds(lo, hi, "pairs", K, "K, the number of masks")
+    if bad:
+        k = int(non_finite.nonzero()[0, 0])
+        raise ValueError(f"boxes must be finite: boxes[{k}] = {tuple(boxes[k].tolist())} ({bad} such boxes); "
+                         "sgg_kernels.set_checks(False) skips this check (a NaN sample position then reads nothing)")
 
 
 @torch.library.custom_op(f"{_LIB}::pair_mask_conv", mutates_args=())
 def _pair_mask_conv_op(masks: Tensor, pairs: Tensor, kernels: Tensor, boxes: Optional[Tensor],
                        out_size: int) -> Tensor:
+    mask_boxes = _mask_boxes(boxes, masks)
     if checks_enabled():
-        _check_conv_values(pairs, masks.shape[0])
-    return _CONV(masks.device, masks.contiguous(), pairs.contiguous(), kernels.contiguous(),
-                 _mask_boxes(boxes, masks), out_size)
+        _check_conv_values(pairs, masks.shape[0], mask_boxes)
+    return _CONV(masks.device, masks.contiguous(), pairs.contiguous(), kernels.contiguous(), mask_boxes, out_size)
 
 
 @_pair_mask_conv_op.register_fake
@@ -163,7 +174,9 @@ def pair_mask_conv(masks: Tensor, pairs: Tensor, kernels: Tensor, boxes: Optiona
         boxes (Tensor[K, 4] or None): (x1, y1, x2, y2) of each object. With ``out_size``, both
             smoothed masks are resampled bilinearly into the pair's union box (zero outside their
             own box; see :mod:`sgg_kernels.reference.masks` for the exact sampling) before the
-            product. Read in float32 (float64 for float64 masks); no gradient.
+            product. Read in float32 (float64 for float64 masks); no gradient. Must be finite while
+            value checks are on (:func:`sgg_kernels.set_checks`); with checks off a NaN sample
+            position reads nothing (weight 0) on every backend.
         out_size (int or None): R, the side of the union-frame output; needs ``boxes``.
 
     Returns:

@@ -59,18 +59,30 @@ def _roi_boxes(boxes: Tensor, features: Tensor) -> Tensor:
     return boxes.detach().to(dtype).contiguous()
 
 
+def _cross_image(pairs: Tensor, box_batch: Tensor) -> Tensor:
+    """Bool [P]: pairs whose two boxes lie in different images (pairs outside [0, K) count as not)."""
+    valid, s, o = ref._pair_rows(pairs, box_batch.shape[0])
+    if box_batch.shape[0] == 0:
+        return valid  # all False
+    return valid & (box_batch[s] != box_batch[o])
+
+
+def _raise_cross_image(pairs: Tensor, box_batch: Tensor) -> None:
+    """The error for pairs joining two images (called once :func:`_cross_image` found some)."""
+    cross = _cross_image(pairs, box_batch).nonzero()
+    p = int(cross[0, 0])
+    s, o = int(pairs[p, 0]), int(pairs[p, 1])
+    raise ValueError(
+        f"pairs[{p}] = ({s}, {o}) joins boxes of images {int(box_batch[s])} and {int(box_batch[o])} "
+        f"({cross.shape[0]} such pairs); a pair's boxes must be in one image (box_batch)"
+    )
+
+
 def _check_pair_values(pairs: Tensor, K: int, box_batch: Optional[Tensor] = None) -> None:
     """Value checks: pair indices in [0, K) and, given ``box_batch``, both boxes in one image."""
     _checks.index_range(pairs, "pairs", K, "K, the number of boxes")
-    if box_batch is not None and pairs.numel():
-        img_s, img_o = box_batch[pairs[:, 0]], box_batch[pairs[:, 1]]
-        cross = (img_s != img_o).nonzero()
-        if cross.numel():
-            p = int(cross[0, 0])
-            raise ValueError(
-                f"pairs[{p}] = ({int(pairs[p, 0])}, {int(pairs[p, 1])}) joins boxes of images {int(img_s[p])} and "
-                f"{int(img_o[p])} ({cross.shape[0]} such pairs); a pair's boxes must be in one image (box_batch)"
-            )
+    if box_batch is not None and pairs.numel() and bool(_cross_image(pairs, box_batch).any()):
+        _raise_cross_image(pairs, box_batch)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,12 +200,83 @@ def pair_geometry(boxes: Tensor, pairs: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------------------------
 # roi_align / union_roi_align
 # ---------------------------------------------------------------------------------------------
+MAX_SAMPLES_PER_BIN_DIM = ref.MAX_SAMPLES_PER_BIN_DIM  # samples per bin and axis (see roi_align)
+
+
+def _roi_grid_over(rois: Tensor, pooled_h: int, pooled_w: int, spatial_scale: float, sampling_ratio: int,
+                   aligned: bool) -> Tensor:
+    """Bool [R]: with adaptive sampling, RoIs whose sample grid per bin exceeds MAX_SAMPLES_PER_BIN_DIM
+    along an axis (computed as the kernels do, with reference.pairs' functions); none otherwise."""
+    if sampling_ratio > 0:
+        return torch.zeros(rois.shape[0], dtype=torch.bool, device=rois.device)
+    _, _, ext_w, ext_h = ref.roi_extents(rois, spatial_scale, aligned)
+    cap = MAX_SAMPLES_PER_BIN_DIM
+    return (ref.adaptive_grid(ext_h, pooled_h) > cap) | (ref.adaptive_grid(ext_w, pooled_w) > cap)
+
+
+def _raise_non_finite(boxes: Tensor, bad: Tensor) -> None:
+    k = int(bad.nonzero()[0, 0])
+    raise ValueError(f"boxes must be finite: boxes[{k}] = {tuple(boxes[k].tolist())} ({int(bad.sum())} such boxes); "
+                     "sgg_kernels.set_checks(False) skips this check (a RoI with such a box then pools zeros)")
+
+
+def _raise_grid_over(rois: Tensor, over: Tensor, pairs: Optional[Tensor], pooled_h: int, pooled_w: int,
+                     spatial_scale: float, aligned: bool) -> None:
+    """The error for the first RoI flagged by :func:`_roi_grid_over` (a few syncs: error path only)."""
+    r = int(over.nonzero()[0, 0])
+    what = f"boxes[{r}]" if pairs is None else \
+        f"the union box of pairs[{r}] = ({int(pairs[r, 0])}, {int(pairs[r, 1])}) (from boxes)"
+    _, _, ext_w, ext_h = ref.roi_extents(rois[r:r + 1], spatial_scale, aligned)
+    grid = (int(ref.adaptive_grid(ext_h, pooled_h)), int(ref.adaptive_grid(ext_w, pooled_w)))
+    cap = MAX_SAMPLES_PER_BIN_DIM
+    raise ValueError(
+        f"boxes: {what} = {tuple(rois[r].tolist())} spans {float(ext_h):.4g} x {float(ext_w):.4g} feature-map pixels "
+        f"(h x w, with spatial_scale = {spatial_scale:g}); adaptive sampling (sampling_ratio <= 0) would take "
+        f"{grid[0]} x {grid[1]} samples per bin, above the cap of {cap} per axis (MAX_SAMPLES_PER_BIN_DIM: a RoI "
+        f"may span at most {cap} x output_size = {cap * pooled_h} x {cap * pooled_w} feature-map pixels). Check the "
+        f"boxes' units and spatial_scale, or pass sampling_ratio in [1, {cap}] for a fixed grid "
+        f"({int(over.sum())} such RoIs); sgg_kernels.set_checks(False) skips this check (the grid is then clamped "
+        f"to {cap})"
+    )
+
+
+def _check_roi_values(features: Tensor, roi_boxes: Tensor, box_batch: Tensor, pairs: Optional[Tensor],
+                      pooled_h: int, pooled_w: int, spatial_scale: float, sampling_ratio: int, aligned: bool) -> None:
+    """Every value check of roi_align / union_roi_align from one fused reduction and one sync:
+    box_batch in [0, B); with pairs, pairs in [0, K) and both boxes in one image; every box finite;
+    with adaptive sampling, the RoIs (the boxes, or the pairs' union boxes) within
+    MAX_SAMPLES_PER_BIN_DIM samples per bin and axis. ``roi_boxes``: the boxes as the kernels read
+    them (:func:`_roi_boxes`)."""
+    B, K = features.shape[0], roi_boxes.shape[0]
+    parts = [_checks.index_bounds(box_batch)]
+    if pairs is None:
+        rois = roi_boxes
+    else:
+        parts.append(_checks.index_bounds(pairs))
+        parts.append(_cross_image(pairs, box_batch).sum().reshape(1))
+        rois = ref.union_boxes(roi_boxes, pairs)  # an invalid pair gets a zero box
+    non_finite = ~torch.isfinite(roi_boxes).all(1)
+    over = _roi_grid_over(rois, pooled_h, pooled_w, spatial_scale, sampling_ratio, aligned)
+    parts += [non_finite.sum().reshape(1), over.sum().reshape(1)]
+    stats = torch.cat([t.to(torch.int64) for t in parts]).tolist()  # the one sync
+    _checks.check_bounds(stats[0], stats[1], "box_batch", B, "B, the batch of features")
+    if pairs is not None:
+        _checks.check_bounds(stats[2], stats[3], "pairs", K, "K, the number of boxes")
+        if stats[4]:
+            _raise_cross_image(pairs, box_batch)
+    if stats[-2]:
+        _raise_non_finite(roi_boxes, non_finite)
+    if stats[-1]:
+        _raise_grid_over(rois, over, pairs, pooled_h, pooled_w, spatial_scale, aligned)
+
+
 @torch.library.custom_op(f"{_LIB}::roi_align", mutates_args=())
 def _roi_align_op(features: Tensor, boxes: Tensor, box_batch: Tensor, pooled_h: int, pooled_w: int,
                   spatial_scale: float, sampling_ratio: int, aligned: bool) -> Tensor:
+    rois = _roi_boxes(boxes, features)
     if checks_enabled():
-        _checks.index_range(box_batch, "box_batch", features.shape[0], "B, the batch of features")
-    return _ROI(features.device, features.contiguous(), _roi_boxes(boxes, features), box_batch.contiguous(), None,
+        _check_roi_values(features, rois, box_batch, None, pooled_h, pooled_w, spatial_scale, sampling_ratio, aligned)
+    return _ROI(features.device, features.contiguous(), rois, box_batch.contiguous(), None,
                 pooled_h, pooled_w, spatial_scale, sampling_ratio, aligned)
 
 
@@ -205,10 +288,10 @@ def _(features, boxes, box_batch, pooled_h, pooled_w, spatial_scale, sampling_ra
 @torch.library.custom_op(f"{_LIB}::union_roi_align", mutates_args=())
 def _union_roi_align_op(features: Tensor, boxes: Tensor, box_batch: Tensor, pairs: Tensor, pooled_h: int,
                         pooled_w: int, spatial_scale: float, sampling_ratio: int, aligned: bool) -> Tensor:
+    rois = _roi_boxes(boxes, features)
     if checks_enabled():
-        _checks.index_range(box_batch, "box_batch", features.shape[0], "B, the batch of features")
-        _check_pair_values(pairs, boxes.shape[0], box_batch)
-    return _ROI(features.device, features.contiguous(), _roi_boxes(boxes, features), box_batch.contiguous(),
+        _check_roi_values(features, rois, box_batch, pairs, pooled_h, pooled_w, spatial_scale, sampling_ratio, aligned)
+    return _ROI(features.device, features.contiguous(), rois, box_batch.contiguous(),
                 pairs.contiguous(), pooled_h, pooled_w, spatial_scale, sampling_ratio, aligned)
 
 
@@ -261,8 +344,10 @@ def _output_size(output_size) -> Tuple[int, int]:
 def _check_roi_params(spatial_scale, sampling_ratio, aligned, name="spatial_scale") -> float:
     if not isinstance(spatial_scale, numbers.Real) or isinstance(spatial_scale, bool) or not spatial_scale > 0:
         raise ValueError(f"{name} must be a positive number (feature-map pixels per image pixel), got {spatial_scale!r}")
-    if not isinstance(sampling_ratio, numbers.Integral) or isinstance(sampling_ratio, bool):
-        raise ValueError(f"sampling_ratio must be an int (<= 0: adaptive, ceil(roi size / output size)), got {sampling_ratio!r}")
+    if (not isinstance(sampling_ratio, numbers.Integral) or isinstance(sampling_ratio, bool)
+            or sampling_ratio > MAX_SAMPLES_PER_BIN_DIM):
+        raise ValueError(f"sampling_ratio must be an int <= {MAX_SAMPLES_PER_BIN_DIM} (MAX_SAMPLES_PER_BIN_DIM samples per "
+                         f"bin and axis; <= 0: adaptive, ceil(roi size / output size)), got {sampling_ratio!r}")
     if not isinstance(aligned, bool):
         raise ValueError(f"aligned must be a bool, got {aligned!r}")
     return float(spatial_scale)
@@ -286,13 +371,23 @@ def roi_align(features: Tensor, boxes: Tensor, box_batch: Tensor, output_size, s
         box_batch (Tensor[K] int64): image of each box, in [0, B).
         output_size (int or (int, int)): pooled (h, w).
         spatial_scale (float): feature-map pixels per image pixel (e.g. 1/16).
-        sampling_ratio (int): samples per bin and axis; <= 0 (default -1, torchvision's; 0 in
-            maskrcnn-benchmark) means adaptive, ceil(roi size / output size).
+        sampling_ratio (int): samples per bin and axis, at most ``MAX_SAMPLES_PER_BIN_DIM`` = 512;
+            <= 0 (default -1, torchvision's; 0 in maskrcnn-benchmark) means adaptive, ceil(roi size /
+            output size), capped at 512 (see below).
         aligned (bool): shift boxes by -0.5 px (pixel model of Detectron2); False = legacy.
 
     Returns:
         Tensor[K, D, h, w] in the dtype of ``features``; differentiable in ``features`` (not in the
         boxes, as torchvision). Box coordinates are read in float32 (float64 for float64 features).
+
+    Raises:
+        ValueError for ``sampling_ratio`` > 512 (always), and while value checks are on
+        (:func:`sgg_kernels.set_checks`, the default) for non-finite boxes and, with adaptive
+        sampling, for a box spanning more than 512 x output_size feature-map pixels along an axis
+        (box size x ``spatial_scale``: 3,584 pixels at output 7, far beyond any real image; pass a
+        fixed ``sampling_ratio`` for such RoIs). IndexError for ``box_batch`` outside [0, B). With
+        checks off every backend clamps the grid to 512 per axis and a non-finite box pools zeros,
+        so the run stays bounded. These value checks cost one fused reduction and one sync.
     """
     _check_roi_inputs(features, boxes, box_batch)
     ph, pw = _output_size(output_size)
@@ -311,11 +406,18 @@ def union_roi_align(features: Union[Tensor, Sequence[Tensor]], boxes: Tensor, bo
         pairs (Tensor[P, 2] int64): (subject, object) indices, both boxes of one image.
         output_size (int or (int, int)): pooled (h, w).
         spatial_scale (float, or one per level): feature-map pixels per image pixel.
-        sampling_ratio, aligned: as :func:`roi_align`.
+        sampling_ratio, aligned: as :func:`roi_align` (``sampling_ratio`` at most
+            ``MAX_SAMPLES_PER_BIN_DIM`` = 512; adaptive sampling capped at 512 per bin and axis).
 
     Returns:
         Tensor[P, sum of D, h, w]: with several levels, every pair is pooled from every level and the
         outputs are concatenated along channels (Scene-Graph-Benchmark's all-levels pooling).
+
+    Raises:
+        As :func:`roi_align`, with the union boxes as the RoIs (a union box that is not finite, or
+        that spans more than 512 x output_size feature-map pixels under adaptive sampling, names
+        ``boxes`` and the pair); also IndexError for ``pairs`` outside [0, K) and ValueError for a
+        pair joining two images. All value checks of a level share one fused reduction and one sync.
     """
     levels: List[Tensor] = list(features) if isinstance(features, (list, tuple)) else [features]
     if not levels:

@@ -97,6 +97,8 @@ def gather_mean(feats: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     B, M, D = feats.shape
     _, C, k = index.shape
     acc = _acc_dtype(feats.dtype)
+    if M == 0:  # no points (possible only with checks off): every entry is invalid, the means are 0
+        return feats.new_zeros((B, C, D))
     valid, safe = _split_index(index, M)
     rows = torch.gather(feats.to(acc), 1, safe.reshape(B, C * k, 1).expand(B, C * k, D))
     rows = torch.where(valid.reshape(B, C * k, 1), rows, 0)
@@ -108,6 +110,8 @@ def gather_mean_backward(grad: torch.Tensor, index: torch.Tensor, M: int) -> tor
     B, C, D = grad.shape
     k = index.shape[2]
     acc = _acc_dtype(grad.dtype)
+    if M == 0:  # no points: nothing to scatter onto
+        return grad.new_zeros((B, 0, D))
     valid, safe = _split_index(index, M)
     safe = safe.reshape(B, C * k)
     src = (grad.to(acc)[:, :, None, :] / k).expand(B, C, k, D).reshape(B, C * k, D)

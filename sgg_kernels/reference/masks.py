@@ -3,10 +3,10 @@
 The test oracle and the fallback backend of family ``masks``. Written equation
 by equation, float64-safe, differentiable by autograd.
 
-**gaussian_kernels** (Eq. 6's K): params (log sx^2, log sy^2, raw rho) -> s = exp(v/2) clamped to
-at least 1e-7, rho = tanh(raw); kernel[r, c] with u = c - size//2 (x, columns), v = r - size//2
-(y, rows) is proportional to exp(-(u^2/sx^2 - 2 rho u v/(sx sy) + v^2/sy^2) / (2 (1 - rho^2))),
-normalised to sum 1.
+**gaussian_kernels** (Eq. 6's K, size odd and at most MAX_KERNEL_SIZE = 255): params (log sx^2,
+log sy^2, raw rho) -> s = exp(v/2) clamped to at least 1e-7, rho = tanh(raw); kernel[r, c] with
+u = c - size//2 (x, columns), v = r - size//2 (y, rows) is proportional to
+exp(-(u^2/sx^2 - 2 rho u v/(sx sy) + v^2/sy^2) / (2 (1 - rho^2))), normalised to sum 1.
 
 **pair_mask_conv** (Eq. 6): out_p = (K_s (*) m_s) . (K_o (*) m_o), (*) the cross-correlation of
 ``F.conv2d`` with zero padding size//2, per class channel; K_s, K_o the pair's kernels for the
@@ -30,7 +30,10 @@ so A^T(g) = wy^T g wx):
     d K_s[r, c] = sum_{channel, y, x} g_S[y, x] m_s[y + r - d//2, x + c - d//2]  (zero outside the mask)
 
 and d K_o likewise; with per-object kernels ``[K, d, d]`` these are summed over every pair and role
-using the object. Boxes get no gradient. An invalid pair (an index outside ``[0, K)``, possible only
+using the object. Boxes get no gradient. Empty inputs (P = 0 pairs, C = 0 classes) give empty outputs
+and zero gradients. In the union frame a NaN sample coordinate (from a non-finite box) reads nothing,
+like a position outside the box: weight 0 at index 0, as in the kernels (the op layer rejects
+non-finite boxes while value checks are on). An invalid pair (an index outside ``[0, K)``, possible only
 with checks off) has output 0 and contributes nothing to any gradient.
 
 **transfer_masks** (Eq. 4): m~_k = sum_j S[l_k, j] sigmoid(mask_logits[k, j]), the mask of each
@@ -44,16 +47,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .. import _checks
 from .cluster import _split_index
 
 SIGMA_MIN = 1e-7
 BOX_EPS = 1e-6
+# The largest Gaussian kernel size delta (gaussian_kernels): 2 x 128 - 1, the widest kernel that still
+# reaches every pixel of a 128 x 128 mask from every other (the paper's masks are 28 x 28, its kernels
+# 7 x 7); a larger one only multiplies the zero padding. It also bounds the [..., delta, delta] output.
+MAX_KERNEL_SIZE = 255
 
 
 def gaussian_kernels(params: Tensor, size: int = 7) -> Tensor:
     """Eq. 6's Gaussian kernels: ``params [..., 3]`` (log sx^2, log sy^2, raw rho) -> ``[..., size, size]``."""
-    if size < 1 or size % 2 == 0:
-        raise ValueError(f"size must be a positive odd int (the kernel has a centre), got {size}")
+    _checks.odd_size(size, "size", MAX_KERNEL_SIZE, "the kernel has a centre; MAX_KERNEL_SIZE")
     sx = torch.exp(params[..., 0] / 2).clamp_min(SIGMA_MIN)[..., None, None]
     sy = torch.exp(params[..., 1] / 2).clamp_min(SIGMA_MIN)[..., None, None]
     rho = torch.tanh(params[..., 2])[..., None, None]
@@ -101,6 +108,8 @@ def _grouped(x: Tensor, kernels: Tensor):
 def _smooth(masks: Tensor, kernels: Tensor) -> Tensor:
     """Each [C, m, m] mask cross-correlated with its own [d, d] kernel: grouped conv2d, ``[P, C, m, m]``."""
     P, C, m, _ = masks.shape
+    if P * C * m == 0:  # no planes (P = 0 pairs, C = 0 classes) or empty ones: conv2d needs groups >= 1
+        return masks.new_zeros((P, C, m, m))
     x, weight = _grouped(masks, kernels)
     return F.conv2d(x, weight, padding=kernels.shape[-1] // 2, groups=P * C).reshape(P, C, m, m)
 
@@ -109,6 +118,8 @@ def _smooth_backward(grad: Tensor, masks: Tensor, kernels: Tensor):
     """Gradients of :func:`_smooth`: (d masks [P, C, m, m], d kernels [P, d, d])."""
     P, C, m, _ = masks.shape
     d = kernels.shape[-1]
+    if P * C * m == 0:  # nothing to convolve: zero gradients of the right shapes (as _smooth)
+        return masks.new_zeros((P, C, m, m)), kernels.new_zeros((P, d, d))
     g, weight = _grouped(grad, kernels)
     d_masks = F.conv_transpose2d(g, weight, padding=d // 2, groups=P * C).reshape(P, C, m, m)
     # d K[r, c] = sum_{channel, y, x} G[y, x] m[y + r - d//2, x + c - d//2]: the padded mask
@@ -131,21 +142,24 @@ def _union_weights(own: Tensor, union: Tensor, m: int, out_size: int):
     bh = (own[:, 3] - own[:, 1]).clamp_min(BOX_EPS)
     fx = (x - own[:, 0, None]) / bw[:, None] * m - 0.5  # mask column coordinate, [P, R]
     fy = (y - own[:, 1, None]) / bh[:, None] * m - 0.5
-    inside_x = (x >= own[:, 0, None]) & (x <= own[:, 2, None])
-    inside_y = (y >= own[:, 1, None]) & (y <= own[:, 3, None])
+    # a NaN coordinate (a non-finite box) reads nothing, like a position outside the box
+    inside_x = (x >= own[:, 0, None]) & (x <= own[:, 2, None]) & ~torch.isnan(fx)
+    inside_y = (y >= own[:, 1, None]) & (y <= own[:, 3, None]) & ~torch.isnan(fy)
 
     def axis_weights(f):  # [P, R, m]: bilinear weights along one axis, clamped to the border
         f = f.clamp(0, m - 1)
         lo = f.floor().clamp(max=m - 1)
         frac = f - lo
-        lo = lo.to(torch.int64)
+        lo = torch.where(torch.isnan(lo), torch.zeros_like(lo), lo).to(torch.int64)  # NaN: index 0, never out of bounds
         hi = (lo + 1).clamp(max=m - 1)
         w = own.new_zeros(f.shape + (m,))
         w.scatter_add_(-1, lo[..., None], (1 - frac)[..., None])
         w.scatter_add_(-1, hi[..., None], frac[..., None])
         return w
 
-    return axis_weights(fy) * inside_y[..., None], axis_weights(fx) * inside_x[..., None]
+    # a select, not a product: the weights of a NaN coordinate are NaN
+    return (torch.where(inside_y[..., None], axis_weights(fy), 0),
+            torch.where(inside_x[..., None], axis_weights(fx), 0))
 
 
 def _frames(masks: Tensor, pairs: Tensor, boxes: Tensor, out_size: int):

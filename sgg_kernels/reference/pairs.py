@@ -26,7 +26,8 @@ Backward, G = grad [P, 4]:
 **roi_align** (torchvision's semantics exactly): for RoI r of image b with box (x1, y1, x2, y2),
 offset = 0.5 if aligned else 0, start = x1*scale - offset, extent = x2*scale - offset - start
 (at least 1 unless aligned), bin = extent / pooled, n = sampling_ratio if > 0 else ceil(extent /
-pooled) samples per bin and axis, count = max(n_h n_w, 1). Sample i of bin p sits at
+pooled) samples per bin and axis, clamped to [0, MAX_SAMPLES_PER_BIN_DIM] (a NaN count reads no
+sample; see below), count = max(n_h n_w, 1). Sample i of bin p sits at
 start + p*bin + (i + 0.5)*bin/n; a sample with y < -1, y > H, x < -1 or x > W reads 0; otherwise
 it is bilinear with the coordinate clamped at 0 and at the last row/column. All of this is
 separable in y and x, so the output is
@@ -38,6 +39,15 @@ invalid samples), Ax likewise. The reference builds Ay and Ax and contracts (*) 
 kernels loop over samples as torchvision does. Backward: grad f[b] = sum_{r in b} Ay[r]^T
 (G[r] / count) Ax[r]; the boxes get no gradient (as in torchvision). With ``pairs`` the RoIs are
 the pairs' union boxes (``union_boxes``), in the subject's image.
+
+**The cap** MAX_SAMPLES_PER_BIN_DIM = 512 samples per bin and axis (the same constant in
+csrc/cpu/pairs.cpp and csrc/cuda/pairs.cu): adaptive sampling of a RoI spanning more than 512 x
+output_size feature-map pixels along an axis (far beyond any real image: 7 x 512 = 3,584 pixels of a
+stride-4 map is a 14,336-pixel image) would need more, and absurd boxes (coordinates x 1e12) would
+run for hours. The op layer rejects such boxes, non-finite ones and ``sampling_ratio`` > the cap
+while value checks are on (``sgg_kernels.set_checks``); below it, every backend clamps n to
+[0, MAX_SAMPLES_PER_BIN_DIM] the same way (a NaN n is 0: no sample, a zero output), so a run is
+bounded and reads nothing out of bounds whatever the boxes.
 
 **pairwise_edge_fusion** (Eq. 12-14): g_p = subj[s_p] * obj[o_p] * u_p with u_p = union[p] on the
 first Du dims and 1 on the rest, logits = g W^T + bias. Backward, G = grad [P, C], dg = G W [P, D]:
@@ -160,6 +170,7 @@ def pair_geometry_backward(grad: Tensor, boxes: Tensor, pairs: Tensor) -> Tensor
 # roi_align / union_roi_align
 # ---------------------------------------------------------------------------------------------
 ROI_CHUNK = 512  # RoIs contracted at once in (*): bounds the reference's temporaries
+MAX_SAMPLES_PER_BIN_DIM = 512  # the cap on n (module docstring); = kMaxSamplesPerBinDim of the kernels
 
 
 def _rois(boxes: Tensor, box_batch: Tensor, pairs: Optional[Tensor], B: int):
@@ -178,16 +189,40 @@ def _rois(boxes: Tensor, box_batch: Tensor, pairs: Optional[Tensor], B: int):
     return roi_boxes, rb, valid & vb
 
 
+def roi_extents(roi_boxes: Tensor, spatial_scale: float, aligned: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(x0, y0, ext_w, ext_h)`` of RoIs ``[R, 4]`` in feature-map pixels (torchvision's rules: the
+    -0.5 px shift when aligned, malformed RoIs forced to 1 x 1 when not)."""
+    offset = 0.5 if aligned else 0.0
+    start = roi_boxes * spatial_scale - offset
+    ext_w, ext_h = start[:, 2] - start[:, 0], start[:, 3] - start[:, 1]
+    if not aligned:  # torchvision: force malformed RoIs to be 1x1
+        ext_w, ext_h = ext_w.clamp_min(1.0), ext_h.clamp_min(1.0)
+    return start[:, 0], start[:, 1], ext_w, ext_h
+
+
+def adaptive_grid(extent: Tensor, pooled: int) -> Tensor:
+    """ceil(extent / pooled): the adaptive samples per bin along one axis, before the cap (float)."""
+    return torch.ceil(extent / pooled)
+
+
+def samples_per_bin(extent: Tensor, pooled: int, sampling_ratio: int) -> Tensor:
+    """n [R] int64: ``sampling_ratio`` if > 0 else ceil(extent / pooled), clamped to
+    [0, MAX_SAMPLES_PER_BIN_DIM]; NaN (a non-finite box) gives 0, no sample."""
+    if sampling_ratio > 0:
+        return torch.full(extent.shape, min(sampling_ratio, MAX_SAMPLES_PER_BIN_DIM), dtype=torch.int64,
+                          device=extent.device)
+    q = adaptive_grid(extent, pooled)
+    q = torch.where(torch.isnan(q), torch.zeros_like(q), q.clamp(0, MAX_SAMPLES_PER_BIN_DIM))
+    return q.to(torch.int64)
+
+
 def _axis_weights(start: Tensor, extent: Tensor, pooled: int, size: int, sampling_ratio: int) -> Tuple[Tensor, Tensor]:
     """``(A [R, pooled, size], n [R])`` along one axis: A[r, p, i] sums the bilinear weights that
     pixel row (or column) i receives from the n samples of bin p of RoI r (torchvision's rules)."""
     R = start.shape[0]
     bin_size = extent / pooled
-    if sampling_ratio > 0:
-        n = torch.full((R,), sampling_ratio, dtype=torch.int64, device=start.device)
-    else:
-        n = torch.ceil(extent / pooled).to(torch.int64)
-    g = max(int(n.max()) if R else 0, 0)
+    n = samples_per_bin(extent, pooled, sampling_ratio)
+    g = int(n.max()) if R else 0
     A = start.new_zeros((R, pooled, size))
     if g == 0 or size == 0:
         return A, n
@@ -212,13 +247,9 @@ def _axis_weights(start: Tensor, extent: Tensor, pooled: int, size: int, samplin
 def _roi_weights(boxes, box_batch, pairs, B, H, W, pooled_h, pooled_w, spatial_scale, sampling_ratio, aligned):
     """``(Ay [R, ph, H], Ax [R, pw, W], roi_batch [R])`` with 1/count and invalid RoIs folded into Ay."""
     roi_boxes, rb, valid = _rois(boxes, box_batch, pairs, B)
-    offset = 0.5 if aligned else 0.0
-    start = roi_boxes * spatial_scale - offset
-    ext_w, ext_h = start[:, 2] - start[:, 0], start[:, 3] - start[:, 1]
-    if not aligned:  # torchvision: force malformed RoIs to be 1x1
-        ext_w, ext_h = ext_w.clamp_min(1.0), ext_h.clamp_min(1.0)
-    Ay, n_h = _axis_weights(start[:, 1], ext_h, pooled_h, H, sampling_ratio)
-    Ax, n_w = _axis_weights(start[:, 0], ext_w, pooled_w, W, sampling_ratio)
+    x0, y0, ext_w, ext_h = roi_extents(roi_boxes, spatial_scale, aligned)
+    Ay, n_h = _axis_weights(y0, ext_h, pooled_h, H, sampling_ratio)
+    Ax, n_w = _axis_weights(x0, ext_w, pooled_w, W, sampling_ratio)
     count = (n_h * n_w).clamp_min(1).to(Ay.dtype)
     Ay = torch.where(valid[:, None, None], Ay / count[:, None, None], 0)
     return Ay, Ax, rb
@@ -320,6 +351,7 @@ def pairwise_edge_fusion_backward(grad: Tensor, subj: Tensor, obj: Tensor, union
 
 
 __all__ = [
+    "MAX_SAMPLES_PER_BIN_DIM", "roi_extents", "adaptive_grid", "samples_per_bin",
     "union_boxes", "union_boxes_backward", "pair_geometry", "pair_geometry_backward",
     "roi_align", "roi_align_backward", "pairwise_edge_fusion", "pairwise_edge_fusion_backward",
 ]
