@@ -22,7 +22,7 @@ def main() -> int:
 
     problems = []
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    if os.path.abspath(sgg_kernels.__file__).startswith(here + os.sep):
+    if os.path.dirname(os.path.abspath(sgg_kernels.__file__)) == os.path.join(here, "sgg_kernels"):
         problems.append(f"imported the checkout's sources ({sgg_kernels.__file__}), not the installed package: "
                         "run this from outside the checkout")
     if torch.version.cuda is None:
