@@ -105,6 +105,10 @@ LIMITED_API = TORCH_LIMITED_API or "0x030A0000"
 WHEEL_TAG = "cp3{}".format(int(LIMITED_API[4:6], 16))
 
 
+# The architectures built when no GPU is visible and TORCH_CUDA_ARCH_LIST is unset.
+DEFAULT_ARCHS = "8.0;9.0+PTX"
+
+
 def _want_cuda() -> bool:
     flag = os.environ.get("SGG_KERNELS_WITH_CUDA", "").strip()
     possible = torch.version.cuda is not None and CUDA_HOME_FOUND is not None
@@ -124,6 +128,12 @@ def _want_cuda() -> bool:
 
 def extensions():
     with_cuda = _want_cuda()
+    if with_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip() and not torch.cuda.is_available():
+        # torch would build for the visible GPUs; with none it fails deep in cpp_extension
+        # (IndexError in _get_cuda_arch_flags). Build for what the kernels target instead.
+        os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCHS
+        print(f"sgg_kernels: no GPU visible and TORCH_CUDA_ARCH_LIST unset: building for {DEFAULT_ARCHS} "
+              "(A100, H100/H200, PTX for newer); set TORCH_CUDA_ARCH_LIST to choose")
     if with_cuda:
         print(f"sgg_kernels: building the CUDA kernels with the toolkit at {CUDA_HOME_FOUND} (from {CUDA_HOME_HOW}), "
               f"TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', '(unset: the visible GPUs)')}")
