@@ -9,7 +9,7 @@ Every op is a ``torch.library`` op (``torch.ops.sgg_kernels.*``) with autograd a
 so it works under ``torch.compile(fullgraph=True)``. ``sk.use_backend(...)`` forces a backend;
 ``python -m sgg_kernels.info`` says which ones this build has.
 """
-from ._backend import BACKENDS, checks_enabled, set_checks, use_backend
+from ._backend import BACKENDS, PRECISIONS, checks_enabled, get_precision, precision, set_checks, set_precision, use_backend
 from .ops.batch import all_pairs, pack_boxes, pack_pairs
 from .ops.cluster import (
     cluster_aggregate,
@@ -31,6 +31,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS", "use_backend", "set_checks", "checks_enabled",
+    "PRECISIONS", "set_precision", "get_precision", "precision",
     "grid_points", "grid_centers", "knn_index", "knn_center_features", "gather_mean",
     "cosine_assign", "cluster_aggregate", "superpixel_cluster", "cluster_dispatch",
     "pack_boxes", "pack_pairs", "all_pairs",

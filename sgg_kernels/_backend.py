@@ -130,6 +130,66 @@ def checks_enabled() -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
+# Precision of the Triton kernels' float32 matrix products.
+# ---------------------------------------------------------------------------------------------
+PRECISIONS = ("tf32x3", "ieee", "tf32")
+PRECISION_ENV = "SGG_KERNELS_PRECISION"
+_PRECISION = {"fp32": None}
+
+
+def set_precision(precision: str) -> None:
+    """Choose how the Triton kernels compute float32 matrix products (``tl.dot``) on a GPU.
+
+    - ``"tf32x3"`` (the default): tensor cores, three TF32 products per product (each operand split
+      into a TF32 high part and a TF32 remainder, the lo x lo term dropped), ~1e-6 relative error:
+      close to fp32, at a third of the tensor-core rate (still several times the FMA rate).
+    - ``"ieee"``: exact fp32 FMA, no tensor cores: the slowest, bit-for-bit the fp32 math.
+    - ``"tf32"``: one TF32 product (10 mantissa bits, ~1e-3 relative error): the fastest; can flip
+      near-tied argmax assignments in ``cosine_assign``.
+
+    float64 dots are always IEEE, fp16/bf16 inputs always take native tensor-core dots with fp32
+    accumulation, and under ``TRITON_INTERPRET=1`` every dot is IEEE (the interpreter computes in
+    numpy). The C++ and CUDA C++ kernels do not use it. The environment variable
+    ``SGG_KERNELS_PRECISION`` sets the initial value. Process-wide, like :func:`set_checks`.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
+    _PRECISION["fp32"] = precision
+
+
+def get_precision() -> str:
+    """The float32 dot precision of the Triton kernels (see :func:`set_precision`)."""
+    p = _PRECISION["fp32"]
+    if p is None:
+        p = os.environ.get(PRECISION_ENV) or "tf32x3"
+        if p not in PRECISIONS:
+            raise ValueError(f"{PRECISION_ENV}={p!r}; expected one of {', '.join(PRECISIONS)}")
+    return p
+
+
+@contextlib.contextmanager
+def precision(name: str) -> Iterator[None]:
+    """:func:`set_precision` for the duration of a ``with`` block (nests)::
+
+        with sk.precision("ieee"):
+            out = sk.pairwise_edge_fusion(...)
+    """
+    previous = _PRECISION["fp32"]
+    set_precision(name)
+    try:
+        yield
+    finally:
+        _PRECISION["fp32"] = previous
+
+
+def dot_precision(acc_dtype: torch.dtype) -> str:
+    """The ``input_precision`` a Triton launcher passes for a dot accumulating in ``acc_dtype``."""
+    if acc_dtype == torch.float64 or triton_interpret():
+        return "ieee"
+    return get_precision()
+
+
+# ---------------------------------------------------------------------------------------------
 # Per-op backend tables.
 # ---------------------------------------------------------------------------------------------
 @dataclass
@@ -219,4 +279,12 @@ class Kernels:
         return fn
 
     def __call__(self, device: torch.device, *args):
-        return self.resolve(self.select(device.type))(*args)
+        backend = self.select(device.type)
+        fn = self.resolve(backend)
+        if backend == "triton" and device.type == "cuda":
+            # A Triton launch runs on the current device, not on its tensors' one (the CUDA C++
+            # kernels take a device guard themselves): tensors on cuda:1 with cuda:0 current would
+            # otherwise run on the wrong GPU.
+            with torch.cuda.device(device):
+                return fn(*args)
+        return fn(*args)

@@ -25,11 +25,14 @@ from sgg_kernels import _backend  # noqa: E402
 
 @pytest.fixture(autouse=True)
 def _clean_switches(monkeypatch):
-    """Every test starts with automatic backend choice and index checks on."""
+    """Every test starts with automatic backend choice, index checks on and the default dot precision."""
     monkeypatch.delenv(_backend.ENV_VAR, raising=False)
+    monkeypatch.delenv(_backend.PRECISION_ENV, raising=False)
     sk.set_checks(True)
+    _backend._PRECISION["fp32"] = None
     yield
     sk.set_checks(True)
+    _backend._PRECISION["fp32"] = None
 
 
 def pytest_report_header(config):

@@ -50,9 +50,8 @@ def _check_box_batch(box_batch: Tensor, K: int, what: str) -> None:
 # ---------------------------------------------------------------------------------------------
 @torch.library.custom_op("sgg_kernels::linknet_checked_batch", mutates_args=())
 def _checked_batch(box_batch: Tensor, pairs: Tensor, B: int) -> Tensor:
-    if checks_enabled():
-        _checks.index_range(box_batch, "box_batch", B, "B, the rows of context")
-        _check_pair_values(pairs, box_batch.shape[0], box_batch)  # range [0, K), then same image
+    if checks_enabled():  # box_batch in [0, B), pairs in [0, K), same image: one reduction, one sync
+        _check_pair_values(pairs, box_batch.shape[0], box_batch, B, "B, the rows of context")
     return box_batch.clone()
 
 

@@ -552,8 +552,10 @@ def _dispatch_setup(ctx, inputs, output):
 
 def _dispatch_bwd(ctx, grad_out):
     center_out, assign, sim = ctx.saved_tensors
-    gco, gs, gr = _cluster_dispatch_backward_op(grad_out, center_out, assign, sim, ctx.has_residual)
-    return gco, None, gs, (gr if ctx.has_residual else None)
+    # d out / d residual is the identity: the residual's gradient is grad_out itself, handed to
+    # autograd as is (no copy); the backward op is asked for the other two only.
+    gco, gs, _ = _cluster_dispatch_backward_op(grad_out, center_out, assign, sim, False)
+    return gco, None, gs, (grad_out if ctx.has_residual else None)
 
 
 torch.library.register_autograd(f"{_LIB}::cluster_dispatch", _dispatch_bwd, setup_context=_dispatch_setup)

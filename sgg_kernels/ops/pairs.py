@@ -78,10 +78,22 @@ def _raise_cross_image(pairs: Tensor, box_batch: Tensor) -> None:
     )
 
 
-def _check_pair_values(pairs: Tensor, K: int, box_batch: Optional[Tensor] = None) -> None:
-    """Value checks: pair indices in [0, K) and, given ``box_batch``, both boxes in one image."""
-    _checks.index_range(pairs, "pairs", K, "K, the number of boxes")
-    if box_batch is not None and pairs.numel() and bool(_cross_image(pairs, box_batch).any()):
+def _check_pair_values(pairs: Tensor, K: int, box_batch: Optional[Tensor] = None,
+                       batch_size: Optional[int] = None, batch_what: str = "B, the number of images") -> None:
+    """Value checks from one fused reduction and one sync: pair indices in [0, K); given
+    ``box_batch``, both boxes of a pair in one image; given ``batch_size`` too, box_batch in
+    [0, batch_size)."""
+    if box_batch is None:
+        _checks.index_range(pairs, "pairs", K, "K, the number of boxes")
+        return
+    parts = [_checks.index_bounds(pairs), _cross_image(pairs, box_batch).sum().reshape(1)]
+    if batch_size is not None:
+        parts.append(_checks.index_bounds(box_batch))
+    stats = torch.cat(parts).tolist()  # the one sync
+    if batch_size is not None:
+        _checks.check_bounds(stats[3], stats[4], "box_batch", batch_size, batch_what)
+    _checks.check_bounds(stats[0], stats[1], "pairs", K, "K, the number of boxes")
+    if stats[2]:
         _raise_cross_image(pairs, box_batch)
 
 
@@ -287,16 +299,17 @@ def _(features, boxes, box_batch, pooled_h, pooled_w, spatial_scale, sampling_ra
 
 @torch.library.custom_op(f"{_LIB}::union_roi_align", mutates_args=())
 def _union_roi_align_op(features: Tensor, boxes: Tensor, box_batch: Tensor, pairs: Tensor, pooled_h: int,
-                        pooled_w: int, spatial_scale: float, sampling_ratio: int, aligned: bool) -> Tensor:
+                        pooled_w: int, spatial_scale: float, sampling_ratio: int, aligned: bool,
+                        check_values: bool = True) -> Tensor:
     rois = _roi_boxes(boxes, features)
-    if checks_enabled():
+    if check_values and checks_enabled():
         _check_roi_values(features, rois, box_batch, pairs, pooled_h, pooled_w, spatial_scale, sampling_ratio, aligned)
     return _ROI(features.device, features.contiguous(), rois, box_batch.contiguous(),
                 pairs.contiguous(), pooled_h, pooled_w, spatial_scale, sampling_ratio, aligned)
 
 
 @_union_roi_align_op.register_fake
-def _(features, boxes, box_batch, pairs, pooled_h, pooled_w, spatial_scale, sampling_ratio, aligned):
+def _(features, boxes, box_batch, pairs, pooled_h, pooled_w, spatial_scale, sampling_ratio, aligned, check_values=True):
     return features.new_empty((pairs.shape[0], features.shape[1], pooled_h, pooled_w))
 
 
@@ -314,10 +327,11 @@ def _(grad, boxes, box_batch, pairs, B, H, W, spatial_scale, sampling_ratio, ali
 
 def _roi_setup(ctx, inputs, output):
     features, boxes, box_batch = inputs[:3]
-    pairs = inputs[3] if len(inputs) == 9 else None
-    ctx.params = inputs[-5:]  # pooled_h, pooled_w, spatial_scale, sampling_ratio, aligned
+    ctx.n_inputs = len(inputs)  # roi_align: 8; union_roi_align: 10 (pairs, ..., check_values)
+    pairs = inputs[3] if len(inputs) == 10 else None
+    first = 4 if pairs is not None else 3
+    ctx.params = inputs[first:first + 5]  # pooled_h, pooled_w, spatial_scale, sampling_ratio, aligned
     ctx.B, _, ctx.H, ctx.W = features.shape
-    ctx.has_pairs = pairs is not None
     ctx.save_for_backward(boxes, box_batch, pairs)
 
 
@@ -325,7 +339,7 @@ def _roi_bwd(ctx, grad):
     boxes, box_batch, pairs = ctx.saved_tensors
     _, _, scale, ratio, aligned = ctx.params
     gf = _roi_align_backward_op(grad, boxes, box_batch, pairs, ctx.B, ctx.H, ctx.W, scale, ratio, aligned)
-    return (gf, None, None) + (None,) * (6 if ctx.has_pairs else 5)
+    return (gf,) + (None,) * (ctx.n_inputs - 1)
 
 
 torch.library.register_autograd(f"{_LIB}::roi_align", _roi_bwd, setup_context=_roi_setup)
@@ -417,7 +431,8 @@ def union_roi_align(features: Union[Tensor, Sequence[Tensor]], boxes: Tensor, bo
         As :func:`roi_align`, with the union boxes as the RoIs (a union box that is not finite, or
         that spans more than 512 x output_size feature-map pixels under adaptive sampling, names
         ``boxes`` and the pair); also IndexError for ``pairs`` outside [0, K) and ValueError for a
-        pair joining two images. All value checks of a level share one fused reduction and one sync.
+        pair joining two images. All value checks share one fused reduction and one sync per call
+        (on the level of the largest spatial_scale), whatever the number of levels.
     """
     levels: List[Tensor] = list(features) if isinstance(features, (list, tuple)) else [features]
     if not levels:
@@ -434,8 +449,11 @@ def union_roi_align(features: Union[Tensor, Sequence[Tensor]], boxes: Tensor, bo
     ph, pw = _output_size(output_size)
     scales = [_check_roi_params(s, sampling_ratio, aligned, "spatial_scale" if len(levels) == 1 else f"spatial_scale[{i}]")
               for i, s in enumerate(scales)]
-    outs = [_union_roi_align_op(level, boxes, box_batch, pairs, ph, pw, s, int(sampling_ratio), aligned)
-            for level, s in zip(levels, scales)]
+    # The value checks run once, with the level of the largest spatial_scale: the index and finiteness
+    # checks do not depend on the level, and the adaptive grid's cap binds first at the largest scale.
+    checked = max(range(len(levels)), key=lambda i: scales[i])
+    outs = [_union_roi_align_op(level, boxes, box_batch, pairs, ph, pw, s, int(sampling_ratio), aligned, i == checked)
+            for i, (level, s) in enumerate(zip(levels, scales))]
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
 

@@ -14,9 +14,11 @@ code. Three helpers carry the math and are shared by every kernel (no copied ker
 dtype conventions (they bite): every load is followed by ``.to(ACC)`` (float32, or float64 for
 float64 inputs) before any arithmetic -- bfloat16 arithmetic is wrong in the interpreter and
 imprecise on the GPU; outputs are stored with ``.to(ptr.dtype.element_ty)``. A ``tl.dot`` in
-float32 passes ``input_precision="ieee"`` (the default TF32 keeps 10 mantissa bits: cosines off
-by 1e-3 flip assignments). ``W_NATIVE`` lets a GPU dot run in float16/bfloat16 when the weights
-are exactly representable in that dtype (they were stored in it), so products stay exact.
+ACC passes ``input_precision=PREC``, from :func:`sgg_kernels.set_precision`: ``"tf32x3"`` by
+default on a GPU (tensor cores at ~fp32 accuracy; plain TF32 keeps 10 mantissa bits: cosines off
+by 1e-3 flip assignments), ``"ieee"`` for float64 and under the interpreter. ``W_NATIVE`` lets a
+GPU dot run in float16/bfloat16 when the weights are exactly representable in that dtype (they
+were stored in it), so products stay exact.
 Index arithmetic: batch, point and center offsets are int64 before they meet a stride (B*M*D
 passes 2^31 at the ``sgdet`` size).
 """
@@ -110,7 +112,7 @@ def _assign_tile(
     feats_ptr, centers_ptr, b, offs_m, mask_m, C, D,
     s_fb, s_fm, s_fd, s_cb, s_cc, s_cd,
     alpha, beta,
-    ACC: tl.constexpr, SIGMOID: tl.constexpr, DOT_NATIVE: tl.constexpr,
+    ACC: tl.constexpr, SIGMOID: tl.constexpr, DOT_NATIVE: tl.constexpr, PREC: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Eq. 2 for the points ``offs_m``: P_i = argmax_j s_ij, sim_i = max_j s_ij, with
@@ -153,7 +155,7 @@ def _assign_tile(
                 # fp16/bf16 on a GPU: products of two halves are exact in the fp32 accumulator.
                 dot = tl.dot(f, tl.trans(c), dot, out_dtype=ACC)
             else:
-                dot = tl.dot(f.to(ACC), tl.trans(c_acc), dot, input_precision="ieee", out_dtype=ACC)
+                dot = tl.dot(f.to(ACC), tl.trans(c_acc), dot, input_precision=PREC, out_dtype=ACC)
         nc = _sqrt(nc2)
         inv_nc = _recip(tl.maximum(nc, _eps_like(nc)))
         s = dot * inv_nf[:, None] * inv_nc[None, :]
@@ -171,7 +173,7 @@ def _assign_tile(
 # Eq. 3 (and every other per-cluster sum): deterministic weighted cluster sums.
 # ---------------------------------------------------------------------------------------------
 @triton.jit
-def _cluster_sum_tile(acc, acc_w, a, w, w2, v, offs_c, C, W_NATIVE: tl.constexpr):
+def _cluster_sum_tile(acc, acc_w, a, w, w2, v, offs_c, C, W_NATIVE: tl.constexpr, PREC: tl.constexpr):
     """One tile of points of the weighted cluster sum (Eq. 3's numerator and denominator):
 
         acc[c, :] += sum_m W[m, c] v_m,   acc_w[c] += sum_m w2_m 1(a_m = c),
@@ -184,15 +186,20 @@ def _cluster_sum_tile(acc, acc_w, a, w, w2, v, offs_c, C, W_NATIVE: tl.constexpr
     reference's scatter would poison only its own cluster). W^T is built transposed
     (``[BLOCK_C, BLOCK_M]``), not ``tl.trans``-ed: with a converted fp16 V, the trans + FMA-dot
     form made ptxas spill ~17 KB per thread on sm_90. With W_NATIVE the dot runs in v's dtype
-    (fp16/bf16; the caller guarantees w is exactly representable in it), else in acc's dtype
-    with IEEE fp32.
+    (fp16/bf16; the caller guarantees w is exactly representable in it, so W^T V's products are
+    exact). Otherwise the weights go onto V's rows first and the dot takes the exact 0/1 one-hot
+    matrix H^T as its other operand: acc += H^T (w * V) with ``input_precision=PREC``. Under
+    tf32x3 the split of H^T is exact (its TF32 remainder is 0), so each sum carries only the
+    rounding of w * V to its two TF32 parts: fp32-level error, not TF32's 1e-3.
     """
     hit = (a[None, :] == offs_c[:, None]) & (offs_c[:, None] < C)
-    WT = tl.where(hit, w[None, :], 0.0).to(acc.dtype)
     if W_NATIVE:
+        WT = tl.where(hit, w[None, :], 0.0).to(acc.dtype)
         acc = tl.dot(WT.to(v.dtype), v, acc, out_dtype=acc.dtype)
     else:
-        acc = tl.dot(WT, v.to(acc.dtype), acc, input_precision="ieee", out_dtype=acc.dtype)
+        HT = tl.where(hit, 1.0, 0.0).to(acc.dtype)
+        wv = v.to(acc.dtype) * w[:, None].to(acc.dtype)
+        acc = tl.dot(HT, wv, acc, input_precision=PREC, out_dtype=acc.dtype)
     acc_w += tl.sum(tl.where(hit, w2[None, :], 0.0).to(acc.dtype), axis=1)
     return acc, acc_w
 
@@ -205,7 +212,7 @@ def _chunk_cluster_sums(
     w2_ptr, s_w2b, s_w2m,
     v_ptr, s_vb, s_vm, s_vd,
     part_ptr, part_w_ptr,
-    ACC: tl.constexpr, W2: tl.constexpr, W_NATIVE: tl.constexpr,
+    ACC: tl.constexpr, W2: tl.constexpr, W_NATIVE: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Partial cluster sums of one program's chunk of points (tiles ``tile_lo..tile_hi-1``) for
@@ -241,11 +248,14 @@ def _chunk_cluster_sums(
                     w2 = w
                 v_ptrs = v_ptr + b * s_vb + offs_m[:, None] * s_vm + offs_d[None, :] * s_vd
                 v = tl.load(v_ptrs, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
-                acc, acc_w = _cluster_sum_tile(acc, acc_w, a, w, w2, v, offs_c, C, W_NATIVE)
+                acc, acc_w = _cluster_sum_tile(acc, acc_w, a, w, w2, v, offs_c, C, W_NATIVE, PREC)
             p_ptrs = part_ptr + (row * C + offs_c[:, None]) * D + offs_d[None, :]
             tl.store(p_ptrs, acc, mask=mask_c[:, None] & mask_d[None, :])
             if W2 != 0:
-                tl.store(part_w_ptr + row * C + offs_c, acc_w, mask=mask_c & (db == 0))
+                # a uniform branch, not `mask_c & (db == 0)`: triton 3.9's interpreter turns a block mask
+                # and-ed with a scalar condition into an int mask and refuses it
+                if db == 0:
+                    tl.store(part_w_ptr + row * C + offs_c, acc_w, mask=mask_c)
 
 
 @triton.jit
@@ -285,7 +295,7 @@ def _cosine_assign_kernel(
     feats_ptr, centers_ptr, alpha_ptr, beta_ptr, assign_ptr, sim_ptr,
     M, C, D,
     s_fb, s_fm, s_fd, s_cb, s_cc, s_cd,
-    ACC: tl.constexpr, SIGMOID: tl.constexpr, DOT_NATIVE: tl.constexpr,
+    ACC: tl.constexpr, SIGMOID: tl.constexpr, DOT_NATIVE: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Eq. 2, P^QT_i = argmax_j s_ij and sim_i = max_j s_ij (see :func:`_assign_tile`).
@@ -298,7 +308,7 @@ def _cosine_assign_kernel(
     alpha, beta = _load_alpha_beta(alpha_ptr, beta_ptr, SIGMOID, ACC)
     idx, sim = _assign_tile(feats_ptr, centers_ptr, b, offs_m, mask_m, C, D,
                             s_fb, s_fm, s_fd, s_cb, s_cc, s_cd, alpha, beta,
-                            ACC, SIGMOID, DOT_NATIVE, BLOCK_C, BLOCK_D)
+                            ACC, SIGMOID, DOT_NATIVE, PREC, BLOCK_C, BLOCK_D)
     tl.store(assign_ptr + b * M + offs_m, idx, mask=mask_m)
     tl.store(sim_ptr + b * M + offs_m, sim.to(sim_ptr.dtype.element_ty), mask=mask_m)
 
@@ -308,7 +318,7 @@ def _cluster_partial_kernel(
     values_ptr, assign_ptr, sim_ptr, part_ptr, part_w_ptr,
     M, C, D, N_DB, n_chunks, TILES_PER_CHUNK,
     s_vb, s_vm, s_vd, s_ab, s_am, s_sb, s_sm,
-    ACC: tl.constexpr, W_NATIVE: tl.constexpr,
+    ACC: tl.constexpr, W_NATIVE: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Eq. 3, per chunk of points: part[b, k, j] = sum_{i in chunk k, a_i = j} s_i v_i and
@@ -319,7 +329,7 @@ def _cluster_partial_kernel(
     _chunk_cluster_sums(b, chunk, n_chunks, lo, hi, M, C, D, N_DB,
                         assign_ptr, s_ab, s_am, sim_ptr, s_sb, s_sm, sim_ptr, s_sb, s_sm,
                         values_ptr, s_vb, s_vm, s_vd, part_ptr, part_w_ptr,
-                        ACC, 1, W_NATIVE, BLOCK_M, BLOCK_C, BLOCK_D)
+                        ACC, 1, W_NATIVE, PREC, BLOCK_M, BLOCK_C, BLOCK_D)
 
 
 @triton.jit
@@ -328,6 +338,7 @@ def _superpixel_kernel(
     M, C, D, DV, N_DBV, n_chunks, TILES_PER_CHUNK,
     s_fb, s_fm, s_fd, s_cb, s_cc, s_cd, s_vb, s_vm, s_vd,
     ACC: tl.constexpr, SIGMOID: tl.constexpr, DOT_NATIVE: tl.constexpr, W_NATIVE: tl.constexpr,
+    PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """Eq. 2 + Eq. 3 in one launch over the points. Grid ``(B * n_chunks,)``; each program owns a
@@ -350,14 +361,14 @@ def _superpixel_kernel(
         mask_m = offs_m < M
         idx, sim = _assign_tile(feats_ptr, centers_ptr, b, offs_m, mask_m, C, D,
                                 s_fb, s_fm, s_fd, s_cb, s_cc, s_cd, alpha, beta,
-                                ACC, SIGMOID, DOT_NATIVE, BLOCK_C, BLOCK_D)
+                                ACC, SIGMOID, DOT_NATIVE, PREC, BLOCK_C, BLOCK_D)
         tl.store(assign_ptr + b * M + offs_m, idx, mask=mask_m)
         tl.store(sim_ptr + b * M + offs_m, sim.to(sim_ptr.dtype.element_ty), mask=mask_m)
     tl.debug_barrier()
     _chunk_cluster_sums(b, chunk, n_chunks, lo, hi, M, C, DV, N_DBV,
                         assign_ptr, M, 1, sim_ptr, M, 1, sim_ptr, M, 1,
                         values_ptr, s_vb, s_vm, s_vd, part_ptr, part_w_ptr,
-                        ACC, 1, W_NATIVE, BLOCK_M, BLOCK_C, BLOCK_DV)
+                        ACC, 1, W_NATIVE, PREC, BLOCK_M, BLOCK_C, BLOCK_DV)
 
 
 @triton.jit
@@ -393,13 +404,15 @@ def _cluster_finish_kernel(
     if ADD_CENTER:
         vc = tl.load(vc_ptr + b * s_vcb + offs_c[:, None] * s_vcc + offs_d[None, :] * s_vcd, mask=mask, other=0.0)
         num += vc.to(ACC)
-    first_d = tl.program_id(2) == 0
+    first_d = tl.program_id(2) == 0  # one program per C tile stores den (a uniform branch: see _chunk_cluster_sums)
     if DIVIDE:
         den = 1.0 + sw
         num = _div(num, den[:, None])
-        tl.store(den_ptr + b * C + offs_c, den.to(den_ptr.dtype.element_ty), mask=mask_c & first_d)
+        if first_d:
+            tl.store(den_ptr + b * C + offs_c, den.to(den_ptr.dtype.element_ty), mask=mask_c)
     elif STORE_W:
-        tl.store(den_ptr + b * C + offs_c, sw.to(den_ptr.dtype.element_ty), mask=mask_c & first_d)
+        if first_d:
+            tl.store(den_ptr + b * C + offs_c, sw.to(den_ptr.dtype.element_ty), mask=mask_c)
     tl.store(out_ptr + (b * C + offs_c[:, None]) * D + offs_d[None, :], num.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -409,7 +422,7 @@ def _cosine_assign_backward_kernel(
     grad_feats_ptr, w_ptr, t_ptr, ab_part_ptr, part_ptr, part_w_ptr,
     M, C, D, N_DB, n_chunks, TILES_PER_CHUNK,
     s_gb, s_gm, s_fb, s_fm, s_fd, s_cb, s_cc, s_cd, s_ab, s_am,
-    ACC: tl.constexpr, SIGMOID: tl.constexpr,
+    ACC: tl.constexpr, SIGMOID: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Backward of Eq. 2. Grid ``(B * n_chunks,)``. For point i, a = assign_i (out of range: g = 0),
@@ -479,7 +492,7 @@ def _cosine_assign_backward_kernel(
     _chunk_cluster_sums(b, chunk, n_chunks, lo, hi, M, C, D, N_DB,
                         assign_ptr, s_ab, s_am, w_ptr, M, 1, t_ptr, M, 1,
                         feats_ptr, s_fb, s_fm, s_fd, part_ptr, part_w_ptr,
-                        ACC, 2, False, BLOCK_M, BLOCK_C, BLOCK_D)
+                        ACC, 2, False, PREC, BLOCK_M, BLOCK_C, BLOCK_D)
 
 
 @triton.jit
@@ -547,7 +560,7 @@ def _cluster_dispatch_backward_kernel(
     grad_out_ptr, center_out_ptr, assign_ptr, sim_ptr, grad_sim_ptr, part_ptr,
     M, C, D, N_DB, n_chunks, TILES_PER_CHUNK,
     s_gb, s_gm, s_gd, s_cb, s_cc, s_cd, s_ab, s_am, s_sb, s_sm,
-    ACC: tl.constexpr, W_NATIVE: tl.constexpr,
+    ACC: tl.constexpr, W_NATIVE: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Backward of Eq. 9. Grid ``(B * n_chunks,)``. Per point (gather, no races):
@@ -555,7 +568,7 @@ def _cluster_dispatch_backward_kernel(
         grad s_i = G_i . center_out_a        (0 when a_i is out of range)
 
     then the chunk's partial cluster sums grad center_out_j = sum_{a_i = j} s_i G_i, finished
-    (summed over chunks) by :func:`_cluster_finish_kernel`. (grad r_i = G_i is a copy.)
+    (summed over chunks) by :func:`_cluster_finish_kernel`. (grad r_i = G_i needs no kernel.)
     """
     chunk, b = _split_pid(n_chunks)
     lo, hi = _chunk_bounds(chunk, M, TILES_PER_CHUNK, BLOCK_M)
@@ -575,4 +588,4 @@ def _cluster_dispatch_backward_kernel(
     _chunk_cluster_sums(b, chunk, n_chunks, lo, hi, M, C, D, N_DB,
                         assign_ptr, s_ab, s_am, sim_ptr, s_sb, s_sm, sim_ptr, s_sb, s_sm,
                         grad_out_ptr, s_gb, s_gm, s_gd, part_ptr, part_ptr,
-                        ACC, 0, W_NATIVE, BLOCK_M, BLOCK_C, BLOCK_D)
+                        ACC, 0, W_NATIVE, PREC, BLOCK_M, BLOCK_C, BLOCK_D)

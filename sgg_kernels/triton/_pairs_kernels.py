@@ -20,7 +20,8 @@ only (the reference's rule).
 
 dtype conventions (as the cluster kernels): every load is converted to ACC (float32, or float64
 for float64 inputs) before arithmetic; outputs are stored with ``.to(ptr.dtype.element_ty)``;
-float32 dots pass ``input_precision="ieee"`` (TF32 would keep 10 mantissa bits); with
+ACC dots pass ``input_precision=PREC`` (:func:`sgg_kernels.set_precision`: ``"tf32x3"`` on a GPU by
+default, ``"ieee"`` for float64 and under the interpreter; plain TF32 keeps 10 mantissa bits); with
 ``DOT_NATIVE`` (fp16/bf16 on a GPU) the dot operands are cast to the input dtype and accumulate
 in float32. Row indices are int64 before they meet a stride.
 """
@@ -34,13 +35,13 @@ import triton.language as tl
 # Helpers.
 # ---------------------------------------------------------------------------------------------
 @triton.jit
-def _dot(a, b, acc, NATIVE: tl.constexpr, LOW: tl.constexpr):
+def _dot(a, b, acc, NATIVE: tl.constexpr, LOW: tl.constexpr, PREC: tl.constexpr):
     """``acc + a @ b``: operands in LOW (fp16/bf16, exact products) when NATIVE, else in acc's
-    dtype with IEEE float32."""
+    dtype with ``input_precision=PREC``."""
     if NATIVE:
         acc = tl.dot(a.to(LOW), b.to(LOW), acc, out_dtype=acc.dtype)
     else:
-        acc = tl.dot(a.to(acc.dtype), b.to(acc.dtype), acc, input_precision="ieee", out_dtype=acc.dtype)
+        acc = tl.dot(a.to(acc.dtype), b.to(acc.dtype), acc, input_precision=PREC, out_dtype=acc.dtype)
     return acc
 
 
@@ -81,7 +82,7 @@ def _fused_tile(subj_ptr, obj_ptr, union_ptr, offs_p, valid, s, o, offs_d, mask_
 
 @triton.jit
 def _dg_tile(grad_ptr, weight_ptr, rows, row_mask, offs_d, mask_d, C, s_gp, s_gc, s_wc,
-             ACC: tl.constexpr, NATIVE: tl.constexpr, BLOCK_C: tl.constexpr):
+             ACC: tl.constexpr, NATIVE: tl.constexpr, PREC: tl.constexpr, BLOCK_C: tl.constexpr):
     """dg = G[rows] W[:, offs_d], ``[len(rows), BLOCK_D]`` in ACC, a dot over C blocks; rows with
     ``row_mask`` False count as G = 0."""
     offs_cb = tl.arange(0, BLOCK_C)
@@ -93,7 +94,7 @@ def _dg_tile(grad_ptr, weight_ptr, rows, row_mask, offs_d, mask_d, C, s_gp, s_gc
                     mask=row_mask[:, None] & mask_c[None, :], other=0.0)
         W = tl.load(weight_ptr + offs_c[:, None] * s_wc + offs_d[None, :],
                     mask=mask_c[:, None] & mask_d[None, :], other=0.0)
-        dg = _dot(G, W, dg, NATIVE, weight_ptr.dtype.element_ty)
+        dg = _dot(G, W, dg, NATIVE, weight_ptr.dtype.element_ty, PREC)
     return dg
 
 
@@ -105,7 +106,7 @@ def _fusion_forward_kernel(
     subj_ptr, obj_ptr, union_ptr, pairs_ptr, weight_ptr, bias_ptr, out_ptr,
     P, K, C, D, DU,
     s_sk, s_ok, s_up, s_pp, s_pc, s_wc,
-    ACC: tl.constexpr, HAS_UNION: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_NATIVE: tl.constexpr,
+    ACC: tl.constexpr, HAS_UNION: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_NATIVE: tl.constexpr, PREC: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Eq. 12-14: out[p, c] = sum_d g[p, d] W[c, d] + bias[c], a GEMM with a gather-multiply
@@ -125,7 +126,7 @@ def _fusion_forward_kernel(
                         ACC, HAS_UNION)
         wt = tl.load(weight_ptr + offs_c[None, :] * s_wc + offs_d[:, None],
                      mask=mask_d[:, None] & mask_c[None, :], other=0.0)
-        acc = _dot(g, wt, acc, DOT_NATIVE, weight_ptr.dtype.element_ty)
+        acc = _dot(g, wt, acc, DOT_NATIVE, weight_ptr.dtype.element_ty, PREC)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_c, mask=mask_c, other=0.0).to(ACC)[None, :]
     out_ptrs = out_ptr + offs_p[:, None] * C + offs_c[None, :]
@@ -137,7 +138,7 @@ def _fusion_dweight_kernel(
     grad_ptr, subj_ptr, obj_ptr, union_ptr, pairs_ptr, part_ptr, part_b_ptr,
     P, K, C, D, DU, TILES_PER_CHUNK,
     s_gp, s_gc, s_sk, s_ok, s_up, s_pp, s_pc,
-    ACC: tl.constexpr, HAS_UNION: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_NATIVE: tl.constexpr,
+    ACC: tl.constexpr, HAS_UNION: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_NATIVE: tl.constexpr, PREC: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Partial d weight (and d bias) of one chunk of pair tiles. Grid ``(max(1, cdiv(D, BLOCK_D)),
@@ -174,11 +175,14 @@ def _fusion_dweight_kernel(
             if HAS_BIAS:
                 acc_b += tl.sum(gt.to(ACC), axis=1)
             gt = tl.where(valid[None, :], gt, 0.0)  # only valid pairs' rows reach W
-            acc = _dot(gt, g, acc, DOT_NATIVE, grad_ptr.dtype.element_ty)
+            acc = _dot(gt, g, acc, DOT_NATIVE, grad_ptr.dtype.element_ty, PREC)
         p_ptrs = part_ptr + (chunk * C + offs_c[:, None]) * D + offs_d[None, :]
         tl.store(p_ptrs, acc, mask=mask_c[:, None] & mask_d[None, :])
         if HAS_BIAS:
-            tl.store(part_b_ptr + chunk * C + offs_c, acc_b, mask=mask_c & (pid_d == 0))
+            # a uniform branch, not `mask_c & (pid_d == 0)`: triton 3.9's interpreter refuses a block
+            # mask and-ed with a scalar condition (it becomes an int mask)
+            if pid_d == 0:
+                tl.store(part_b_ptr + chunk * C + offs_c, acc_b, mask=mask_c)
 
 
 @triton.jit
@@ -186,7 +190,7 @@ def _fusion_drows_kernel(
     grad_ptr, other_ptr, union_ptr, pairs_ptr, weight_ptr, order_ptr, offsets_ptr, out_ptr,
     C, D, DU,
     s_gp, s_gc, s_xk, s_up, s_pp, s_pc, s_wc,
-    OTHER_COL: tl.constexpr, ACC: tl.constexpr, HAS_UNION: tl.constexpr, DOT_NATIVE: tl.constexpr,
+    OTHER_COL: tl.constexpr, ACC: tl.constexpr, HAS_UNION: tl.constexpr, DOT_NATIVE: tl.constexpr, PREC: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """d subj (OTHER_COL = 1, ``other`` = obj) or d obj (OTHER_COL = 0, ``other`` = subj):
@@ -209,7 +213,7 @@ def _fusion_drows_kernel(
         m = idx < end
         pair = tl.load(order_ptr + idx, mask=m, other=0).to(tl.int64)
         other = tl.load(pairs_ptr + pair * s_pp + OTHER_COL * s_pc, mask=m, other=0).to(tl.int64)
-        dg = _dg_tile(grad_ptr, weight_ptr, pair, m, offs_d, mask_d, C, s_gp, s_gc, s_wc, ACC, DOT_NATIVE, BLOCK_C)
+        dg = _dg_tile(grad_ptr, weight_ptr, pair, m, offs_d, mask_d, C, s_gp, s_gc, s_wc, ACC, DOT_NATIVE, PREC, BLOCK_C)
         t = dg * _load_rows(other_ptr, other, m, offs_d, mask_d, s_xk, ACC)
         if HAS_UNION:
             t = t * _load_union(union_ptr, pair, m, offs_d, DU, s_up, ACC)
@@ -222,7 +226,7 @@ def _fusion_dunion_kernel(
     grad_ptr, subj_ptr, obj_ptr, pairs_ptr, weight_ptr, out_ptr,
     P, K, C, DU,
     s_gp, s_gc, s_sk, s_ok, s_pp, s_pc, s_wc,
-    ACC: tl.constexpr, DOT_NATIVE: tl.constexpr,
+    ACC: tl.constexpr, DOT_NATIVE: tl.constexpr, PREC: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """d union_p = (dg_p * subj[s_p] * obj[o_p])[:Du] (0 for invalid pairs). Grid
@@ -234,7 +238,7 @@ def _fusion_dunion_kernel(
     valid, s, o = _load_pairs(pairs_ptr, offs_p, mask_p, s_pp, s_pc, K)
     # dg over the padded tile, invalid rows zeroed after the dot (masking the G load with `valid`
     # instead trips a layout-propagation bug of triton 3.6's sm_90 pipeline on the shared select)
-    dg = _dg_tile(grad_ptr, weight_ptr, offs_p, mask_p, offs_d, mask_d, C, s_gp, s_gc, s_wc, ACC, DOT_NATIVE, BLOCK_C)
+    dg = _dg_tile(grad_ptr, weight_ptr, offs_p, mask_p, offs_d, mask_d, C, s_gp, s_gc, s_wc, ACC, DOT_NATIVE, PREC, BLOCK_C)
     du = dg * _load_rows(subj_ptr, s, valid, offs_d, mask_d, s_sk, ACC) * _load_rows(obj_ptr, o, valid, offs_d, mask_d, s_ok, ACC)
     du = tl.where(valid[:, None], du, 0.0)
     tl.store(out_ptr + offs_p[:, None] * DU + offs_d[None, :], du.to(out_ptr.dtype.element_ty),

@@ -15,10 +15,11 @@ tiles owned by one program; grids are 1-D over ``B * tiles`` or ``B * chunks``):
     cosine_assign_backward      per point + partial (chunk) + finish     2 + torch  [B, chunks, C, D + 3], 2x[B, M]
     cluster_aggregate_backward  per point (grad vc = G / den in torch)   1 + torch  -
     cluster_dispatch            per point, grid (B * tiles, D blocks)    1          -
-    cluster_dispatch_backward   per point + partial (chunk) + finish     2 + copy   [B, chunks, C, D]
+    cluster_dispatch_backward   per point + partial (chunk) + finish     2          [B, chunks, C, D]
 
 The finish kernel's grid is ``(B, C blocks, D blocks)``. "torch" is per-center elementwise work on
-``[B, C, D]`` and the sum of the alpha/beta partials; "copy" is ``grad_residual = grad_out.clone()``.
+``[B, C, D]`` and the sum of the alpha/beta partials. (The residual's gradient in Eq. 9 is grad_out
+itself: the autograd formula returns it without calling the backward op for it.)
 
 Cluster sums are deterministic: each program sums its chunk with ``tl.dot(W^T, V)`` on one-hot
 weights, writes a ``[C, D]`` partial, and the finish kernel adds the chunks in a fixed order; the
@@ -41,6 +42,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .._backend import dot_precision
 from ..reference.cluster import EPS
 from ._cluster_kernels import (
     _cluster_aggregate_backward_kernel,
@@ -159,7 +161,7 @@ def cosine_assign(feats: Tensor, centers: Tensor, alpha: Optional[Tensor] = None
     _cosine_assign_kernel[grid](
         feats, centers, alpha if sigmoid else feats, beta if sigmoid else feats, assign, sim,
         M, C, D, *feats.stride(), *centers.stride(),
-        ACC=acc_tl, SIGMOID=sigmoid, DOT_NATIVE=_half_dot(feats.dtype, centers.dtype),
+        ACC=acc_tl, SIGMOID=sigmoid, DOT_NATIVE=_half_dot(feats.dtype, centers.dtype), PREC=dot_precision(acc),
         BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_D=block_d,
         num_warps=_NUM_WARPS_DOT, num_stages=_NUM_STAGES,
     )
@@ -197,7 +199,7 @@ def cosine_assign_backward(grad_sim: Tensor, feats: Tensor, centers: Tensor, ass
         grad_feats, w, t, ab_part, part, part_w,
         M, C, D, max(1, triton.cdiv(D, block_d)), n_chunks, per_chunk,
         *grad_sim.stride(), *feats.stride(), *centers.stride(), *assign.stride(),
-        ACC=acc_tl, SIGMOID=sigmoid, BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_D=block_d,
+        ACC=acc_tl, SIGMOID=sigmoid, PREC=dot_precision(acc), BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_D=block_d,
         num_warps=_NUM_WARPS_DOT, num_stages=_NUM_STAGES,
     )
     S = torch.empty((B, C, D), dtype=acc, device=dev)
@@ -241,7 +243,7 @@ def cluster_aggregate(values: Tensor, assign: Tensor, sim: Tensor, value_centers
         values, assign, sim, part, part_w,
         M, C, D, max(1, triton.cdiv(D, block_d)), n_chunks, per_chunk,
         *values.stride(), *assign.stride(), *sim.stride(),
-        ACC=acc_tl, W_NATIVE=_half_dot(values.dtype, sim.dtype),
+        ACC=acc_tl, W_NATIVE=_half_dot(values.dtype, sim.dtype), PREC=dot_precision(acc),
         BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_D=block_d,
         num_warps=_NUM_WARPS_DOT, num_stages=_NUM_STAGES,
     )
@@ -303,7 +305,7 @@ def superpixel_cluster(feats: Tensor, centers: Tensor, values: Tensor, value_cen
         M, C, D, DV, max(1, triton.cdiv(DV, block_dv)), n_chunks, per_chunk,
         *feats.stride(), *centers.stride(), *values.stride(),
         ACC=acc_tl, SIGMOID=sigmoid, DOT_NATIVE=_half_dot(feats.dtype, centers.dtype),
-        W_NATIVE=_half_dot(values.dtype, sim.dtype),
+        W_NATIVE=_half_dot(values.dtype, sim.dtype), PREC=dot_precision(acc),
         BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_D=block_d, BLOCK_DV=block_dv,
         num_warps=_NUM_WARPS_DOT, num_stages=_NUM_STAGES,
     )
@@ -339,7 +341,8 @@ def cluster_dispatch(center_out: Tensor, assign: Tensor, sim: Tensor, residual: 
 def cluster_dispatch_backward(grad_out: Tensor, center_out: Tensor, assign: Tensor, sim: Tensor, has_residual: bool):
     """Gradients of :func:`cluster_dispatch` w.r.t. (center_out, sim, residual or None):
     grad s_i = G_i . center_out_a (per point), grad center_out_j = sum_{a_i=j} s_i G_i
-    (deterministic cluster sum: one launch over chunks + finish), grad r = G (a copy)."""
+    (deterministic cluster sum: one launch over chunks + finish), grad r = G (a copy, only when
+    has_residual: autograd passes False and uses grad_out itself as the residual's gradient)."""
     B, C, D = center_out.shape
     M = assign.shape[1]
     dev = center_out.device
@@ -355,7 +358,7 @@ def cluster_dispatch_backward(grad_out: Tensor, center_out: Tensor, assign: Tens
         grad_out, center_out, assign, sim, grad_sim, part,
         M, C, D, max(1, triton.cdiv(D, block_d)), n_chunks, per_chunk,
         *grad_out.stride(), *center_out.stride(), *assign.stride(), *sim.stride(),
-        ACC=acc_tl, W_NATIVE=_half_dot(grad_out.dtype, sim.dtype),
+        ACC=acc_tl, W_NATIVE=_half_dot(grad_out.dtype, sim.dtype), PREC=dot_precision(acc),
         BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_D=block_d,
         num_warps=_NUM_WARPS_DOT, num_stages=_NUM_STAGES,
     )

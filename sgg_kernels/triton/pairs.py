@@ -40,6 +40,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .._backend import dot_precision
 from ._pairs_kernels import (
     _fusion_drows_kernel,
     _fusion_dunion_kernel,
@@ -132,7 +133,7 @@ def pairwise_edge_fusion(subj: Tensor, obj: Tensor, union: Optional[Tensor], pai
         subj, obj, u, pairs, weight, bias if has_bias else weight, out,
         P, K, C, D, du,
         subj.stride(0), obj.stride(0), s_up, *pairs.stride(), weight.stride(0),
-        ACC=acc_tl, HAS_UNION=union is not None, HAS_BIAS=has_bias, DOT_NATIVE=_native(subj.dtype),
+        ACC=acc_tl, HAS_UNION=union is not None, HAS_BIAS=has_bias, DOT_NATIVE=_native(subj.dtype), PREC=dot_precision(acc),
         BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_D=block_d,
         num_warps=_NUM_WARPS, num_stages=_NUM_STAGES,
     )
@@ -184,7 +185,7 @@ def pairwise_edge_fusion_backward(grad: Tensor, subj: Tensor, obj: Tensor, union
         grad, subj, obj, u, pairs, part, part_b,
         P, K, C, D, du, per_chunk,
         s_gp, s_gc, subj.stride(0), obj.stride(0), s_up, s_pp, s_pc,
-        ACC=acc_tl, HAS_UNION=has_union, HAS_BIAS=has_bias, DOT_NATIVE=native,
+        ACC=acc_tl, HAS_UNION=has_union, HAS_BIAS=has_bias, DOT_NATIVE=native, PREC=dot_precision(acc),
         BLOCK_P=block_p_dw, BLOCK_C=block_c, BLOCK_D=block_d,
         num_warps=_NUM_WARPS, num_stages=_NUM_STAGES_LOOP,
     )
@@ -203,7 +204,7 @@ def pairwise_edge_fusion_backward(grad: Tensor, subj: Tensor, obj: Tensor, union
                 grad, other, u, pairs, weight, order, offsets, out,
                 C, D, du,
                 s_gp, s_gc, other.stride(0), s_up, s_pp, s_pc, weight.stride(0),
-                OTHER_COL=1 - self_col, ACC=acc_tl, HAS_UNION=has_union, DOT_NATIVE=native,
+                OTHER_COL=1 - self_col, ACC=acc_tl, HAS_UNION=has_union, DOT_NATIVE=native, PREC=dot_precision(acc),
                 BLOCK_P=block_rows, BLOCK_C=block_c, BLOCK_D=block_d,
                 num_warps=_NUM_WARPS, num_stages=_NUM_STAGES_LOOP,
             )
@@ -213,7 +214,7 @@ def pairwise_edge_fusion_backward(grad: Tensor, subj: Tensor, obj: Tensor, union
             grad, subj, obj, pairs, weight, d_union,
             P, K, C, du,
             s_gp, s_gc, subj.stride(0), obj.stride(0), s_pp, s_pc, weight.stride(0),
-            ACC=acc_tl, DOT_NATIVE=native,
+            ACC=acc_tl, DOT_NATIVE=native, PREC=dot_precision(acc),
             BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_D=_pow2(du, block_d),
             num_warps=_NUM_WARPS, num_stages=_NUM_STAGES,
         )
