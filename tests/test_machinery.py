@@ -230,3 +230,47 @@ def test_compile_fullgraph_pipeline(device):
     assert_close(out_c, out_e, torch.float32, "compiled forward")
     for g_c, g_e in zip(grads_c, grads_e):
         assert_close(g_c, g_e, torch.float32, "compiled backward")
+
+
+def test_triton_launches_run_under_their_tensors_device(monkeypatch):
+    """The guard itself, without a GPU: a Triton kernel for tensors on cuda:1 is called inside
+    ``torch.cuda.device(cuda:1)``; other backends get no guard (the CUDA C++ kernels take their own)."""
+    entered = []
+
+    class Recorder:
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            entered.append(self.device)
+
+        def __exit__(self, *exc):
+            entered.append("exit")
+
+    calls = []
+    table = _backend.Kernels("cluster", lambda *a: calls.append(("reference", list(entered))), triton="cosine_assign")
+    monkeypatch.setattr(torch.cuda, "device", Recorder)
+    monkeypatch.setattr(table, "why_not", lambda backend, device_type: None)
+    monkeypatch.setattr(table, "resolve", lambda backend: lambda *a: calls.append((backend, list(entered))))
+    cuda1 = torch.device("cuda", 1)
+    with sk.use_backend("triton"):
+        table(cuda1, 1, 2)
+    assert calls[-1] == ("triton", [cuda1]) and entered[-1] == "exit"
+    with sk.use_backend("reference"):
+        table(cuda1, 1, 2)
+    assert calls[-1] == ("reference", [cuda1, "exit"])  # no new guard entered
+
+
+@pytest.mark.cuda
+def test_triton_on_a_second_gpu():
+    if torch.cuda.device_count() < 2:
+        pytest.skip(f"needs 2 CUDA GPUs (tensors on cuda:1 while cuda:0 is current); {torch.cuda.device_count()} here")
+    torch.cuda.set_device(0)
+    gen = torch.Generator().manual_seed(0)
+    feats, centers = torch.randn(2, 70, 16, generator=gen), torch.randn(2, 5, 16, generator=gen)
+    with sk.use_backend("triton"):
+        out, assign, sim = sk.superpixel_cluster(feats.to("cuda:1"), centers.to("cuda:1"))
+    assert out.device == torch.device("cuda", 1) and torch.cuda.current_device() == 0
+    with sk.use_backend("reference"):
+        out_r, _, _ = sk.superpixel_cluster(feats.double(), centers.double())
+    assert_close(out, out_r, torch.float32, "superpixel_cluster on cuda:1")
