@@ -635,3 +635,24 @@ def test_triton_fusion_multiblock_paths(backend, device, monkeypatch):
     assert n_chunks > 1
     fn = lambda E, u, w, b: sk.pairwise_edge_fusion(E[:, :40], E[:, 40:], u, pairs, w, b)  # noqa: E731
     _check_parity(backend, fn, (E, union, weight, b), torch.float32, what="multiblock")
+
+
+@pytest.mark.parametrize("backend,device", [p for p in backend_params(K["pairwise_edge_fusion"]) if p.values[0] == "triton"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+def test_triton_fusion_forward_split_over_d(backend, device, bias, monkeypatch):
+    """The forward's split of the D reduction (few pair tiles: paper's 38 on 132 SMs), with a short
+    last split, summed over splits with the bias added once."""
+    require(K["pairwise_edge_fusion"], backend, device)
+    from sgg_kernels.triton import pairs as tp
+
+    for name, value in (("_MAX_BLOCK_D", 16), ("_MIN_D_PER_SPLIT", 16)):
+        monkeypatch.setattr(tp, name, value)
+    _, subj, obj, union, pairs, weight, b = _fusion_args(8, 100, 60, 21, bias, False, torch.float32, device, _gen(18))
+    tiles = -(-pairs.shape[0] // tp._BLOCK_P)
+    n_splits, per_split = tp._split_d(tiles, 100, 16)
+    assert n_splits > 2 and 100 % per_split != 0, (n_splits, per_split)  # several splits, the last one short
+    fn = lambda s, o, u, w, b: sk.pairwise_edge_fusion(s, o, u, pairs, w, b)  # noqa: E731
+    args = (subj, obj, union, weight) + ((b,) if bias else ())
+    if not bias:
+        fn = lambda s, o, u, w: sk.pairwise_edge_fusion(s, o, u, pairs, w, None)  # noqa: E731
+    _check_parity(backend, fn, args, torch.float32, what="split over D")

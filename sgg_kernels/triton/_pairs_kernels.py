@@ -104,24 +104,34 @@ def _dg_tile(grad_ptr, weight_ptr, rows, row_mask, offs_d, mask_d, C, s_gp, s_gc
 @triton.jit
 def _fusion_forward_kernel(
     subj_ptr, obj_ptr, union_ptr, pairs_ptr, weight_ptr, bias_ptr, out_ptr,
-    P, K, C, D, DU,
+    P, K, C, D, DU, D_PER_SPLIT,
     s_sk, s_ok, s_up, s_pp, s_pc, s_wc,
     ACC: tl.constexpr, HAS_UNION: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_NATIVE: tl.constexpr, PREC: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Eq. 12-14: out[p, c] = sum_d g[p, d] W[c, d] + bias[c], a GEMM with a gather-multiply
-    prologue. Grid ``(cdiv(P, BLOCK_P), cdiv(C, BLOCK_C))``; ``out`` contiguous ``[P, C]``.
-    Each program loops over D in BLOCK_D chunks: g tile (:func:`_fused_tile`) times the
-    ``[BLOCK_D, BLOCK_C]`` tile of W^T (loaded transposed), accumulated in ACC."""
+    prologue. Grid ``(cdiv(P, BLOCK_P), cdiv(C, BLOCK_C), n_splits)``; split k sums
+    d in ``[k D_PER_SPLIT, (k + 1) D_PER_SPLIT)`` (a multiple of BLOCK_D) and stores its
+    ``[P, C]`` slice of ``out`` (contiguous ``[n_splits, P, C]``: the logits when n_splits = 1,
+    else ACC partials the launcher sums in a fixed order). Each program loops over its D range in
+    BLOCK_D chunks: g tile (:func:`_fused_tile`) times the ``[BLOCK_D, BLOCK_C]`` tile of W^T
+    (loaded transposed), accumulated in ACC.
+
+    Floor (paper: P = 2,400, D = Du = 4,096, C = 51, K = 100): 2 P D C = 1.0 GFLOP on tensor cores;
+    bytes ~ P Du 4 (union, 39 MB) + 2 K D 4 (subj/obj rows, 3.3 MB; their per-pair gathers hit L2)
+    + C D 4 + P C 4: ~43 MB, so memory-bound (~13 us at 3.35 TB/s)."""
     offs_p = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    split = tl.program_id(2)
     mask_p = offs_p < P
     mask_c = offs_c < C
     valid, s, o = _load_pairs(pairs_ptr, offs_p, mask_p, s_pp, s_pc, K)
     acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC)
-    for d0 in range(0, D, BLOCK_D):
+    d_lo = split * D_PER_SPLIT
+    d_hi = tl.minimum(d_lo + D_PER_SPLIT, D)
+    for d0 in range(d_lo, d_hi, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
-        mask_d = offs_d < D
+        mask_d = offs_d < d_hi
         g = _fused_tile(subj_ptr, obj_ptr, union_ptr, offs_p, valid, s, o, offs_d, mask_d, DU, s_sk, s_ok, s_up,
                         ACC, HAS_UNION)
         wt = tl.load(weight_ptr + offs_c[None, :] * s_wc + offs_d[:, None],
@@ -129,7 +139,7 @@ def _fusion_forward_kernel(
         acc = _dot(g, wt, acc, DOT_NATIVE, weight_ptr.dtype.element_ty, PREC)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_c, mask=mask_c, other=0.0).to(ACC)[None, :]
-    out_ptrs = out_ptr + offs_p[:, None] * C + offs_c[None, :]
+    out_ptrs = out_ptr + (split * P + offs_p[:, None]) * C + offs_c[None, :]
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_p[:, None] & mask_c[None, :])
 
 

@@ -57,18 +57,25 @@ from ._cluster_kernels import (
 
 # ---------------------------------------------------------------------------------------------
 # Configuration: one fixed config (the interpreter cannot autotune). Chosen by compiling every
-# kernel for sm_90 with ptxas at the paper's sizes ([16, 6144, 64], C = 49; [32, 24576, 64],
-# C = 81): the largest tiles that compile without register spills. Larger tiles (BLOCK_M = 128,
-# BLOCK_D = 64, BLOCK_C = 128) spilled 0.5-20 KB per thread in the fp32 FMA dots.
+# kernel for sm_90 with ptxas at the benchmark sizes (paper [16, 6144, 64], C = 49; sgdet
+# [32, 24576, 64], C = 81; .ci/check_triton_compile.py prints programs, registers, CTAs/SM and
+# waves): no spills, and the hot kernels at 96-142 registers (1-2 CTAs of 8 warps per SM).
+# BLOCK_M = 64 / BLOCK_D = 32 took 250-255 registers with tf32x3 dots (each operand held as two
+# TF32 halves) and spilled in the fp32 cluster sums and the fp16/bf16 assign backward; larger
+# tiles (BLOCK_M = 128, BLOCK_D = 64, BLOCK_C = 128) spilled 0.5-20 KB per thread.
 # ---------------------------------------------------------------------------------------------
-_BLOCK_M = 64  # points per tile (fp16/bf16/fp32)
-_BLOCK_M_FP64 = 32  # fp64 tiles are twice the bytes
+_BLOCK_M = 32  # points per tile (fp16/bf16/fp32)
+_BLOCK_M_FP64 = 16  # fp64 (gradcheck, not a hot dtype); ptxas caps it at 128 registers and spills 8-12 B
 _MAX_BLOCK_C = 64  # C = 49 is one center block, C = 81 two
-_MAX_BLOCK_D = 32
+_MAX_BLOCK_D = 16
 _MAX_BLOCK_D_FP64 = 16
 _NUM_WARPS_DOT = 8  # kernels with tl.dot (assign, cluster sums)
+_NUM_WARPS_DOT_FP64 = 8  # 4 warps spilled more (20-28 B at 255 registers)
 _NUM_WARPS_POINT = 4  # per-point gathers (aggregate backward, dispatch) and the finish kernel
-_TARGET_PROGRAMS = 2 * 132  # two waves of an H100's 132 SMs; fixed so chunking depends on shapes only
+# Chunked kernels: 4 x 132 programs = two waves at the 2 CTAs/SM the 96-128-register kernels fit
+# (four at 1 CTA/SM); paper: 16 images x 32 chunks = 512, sgdet: 32 x 17 = 544. Fixed (not the
+# device present) so the chunking, and so the summation order, depends on the shapes only.
+_TARGET_PROGRAMS = 4 * 132
 _MIN_TILES_PER_CHUNK = 4  # a chunk's [C, D] partial should cost much less than reading its points
 _NUM_STAGES = 2
 
@@ -87,6 +94,10 @@ def _acc(*dtypes: torch.dtype) -> Tuple[tl.dtype, torch.dtype]:
 def _pow2(n: int, cap: int) -> int:
     """A block size for extent n: a power of two in [16, cap] (tl.dot needs every dim >= 16)."""
     return max(16, min(triton.next_power_of_2(max(int(n), 1)), cap))
+
+
+def _warps_dot(acc: torch.dtype) -> int:
+    return _NUM_WARPS_DOT_FP64 if acc == torch.float64 else _NUM_WARPS_DOT
 
 
 def _block_m(acc: torch.dtype) -> int:
@@ -163,7 +174,7 @@ def cosine_assign(feats: Tensor, centers: Tensor, alpha: Optional[Tensor] = None
         M, C, D, *feats.stride(), *centers.stride(),
         ACC=acc_tl, SIGMOID=sigmoid, DOT_NATIVE=_half_dot(feats.dtype, centers.dtype), PREC=dot_precision(acc),
         BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_D=block_d,
-        num_warps=_NUM_WARPS_DOT, num_stages=_NUM_STAGES,
+        num_warps=_warps_dot(acc), num_stages=_NUM_STAGES,
     )
     return assign, sim
 
@@ -186,7 +197,8 @@ def cosine_assign_backward(grad_sim: Tensor, feats: Tensor, centers: Tensor, ass
         zero = torch.zeros((1, 2), dtype=acc, device=feats.device)
         ga, gb = _scalar_grads(zero, alpha, beta)
         return grad_feats, torch.zeros_like(centers, memory_format=torch.contiguous_format), ga, gb
-    block_m, block_c, block_d = _block_m(acc), _pow2(C, _MAX_BLOCK_C), _block_d(D, acc)
+    # BLOCK_C >= 32: at 16 (C <= 16) the fp16/bf16 variant spilled 4 B on sm_90
+    block_m, block_c, block_d = _block_m(acc), max(32, _pow2(C, _MAX_BLOCK_C)), _block_d(D, acc)
     n_chunks, per_chunk = _chunking(B, M, block_m)
     dev = feats.device
     w = torch.empty((B, M), dtype=acc, device=dev)  # gc_i / n_i
@@ -200,7 +212,7 @@ def cosine_assign_backward(grad_sim: Tensor, feats: Tensor, centers: Tensor, ass
         M, C, D, max(1, triton.cdiv(D, block_d)), n_chunks, per_chunk,
         *grad_sim.stride(), *feats.stride(), *centers.stride(), *assign.stride(),
         ACC=acc_tl, SIGMOID=sigmoid, PREC=dot_precision(acc), BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_D=block_d,
-        num_warps=_NUM_WARPS_DOT, num_stages=_NUM_STAGES,
+        num_warps=_warps_dot(acc), num_stages=_NUM_STAGES,
     )
     S = torch.empty((B, C, D), dtype=acc, device=dev)
     T = torch.empty((B, C), dtype=acc, device=dev)
@@ -245,7 +257,7 @@ def cluster_aggregate(values: Tensor, assign: Tensor, sim: Tensor, value_centers
         *values.stride(), *assign.stride(), *sim.stride(),
         ACC=acc_tl, W_NATIVE=_half_dot(values.dtype, sim.dtype), PREC=dot_precision(acc),
         BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_D=block_d,
-        num_warps=_NUM_WARPS_DOT, num_stages=_NUM_STAGES,
+        num_warps=_warps_dot(acc), num_stages=_NUM_STAGES,
     )
     out = torch.empty((B, C, D), dtype=values.dtype, device=values.device)
     den = torch.empty((B, C), dtype=values.dtype, device=values.device)
@@ -307,7 +319,7 @@ def superpixel_cluster(feats: Tensor, centers: Tensor, values: Tensor, value_cen
         ACC=acc_tl, SIGMOID=sigmoid, DOT_NATIVE=_half_dot(feats.dtype, centers.dtype),
         W_NATIVE=_half_dot(values.dtype, sim.dtype), PREC=dot_precision(acc),
         BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_D=block_d, BLOCK_DV=block_dv,
-        num_warps=_NUM_WARPS_DOT, num_stages=_NUM_STAGES,
+        num_warps=_warps_dot(acc), num_stages=_NUM_STAGES,
     )
     out = torch.empty((B, C, DV), dtype=values.dtype, device=dev)
     den = torch.empty((B, C), dtype=values.dtype, device=dev)
@@ -360,7 +372,7 @@ def cluster_dispatch_backward(grad_out: Tensor, center_out: Tensor, assign: Tens
         *grad_out.stride(), *center_out.stride(), *assign.stride(), *sim.stride(),
         ACC=acc_tl, W_NATIVE=_half_dot(grad_out.dtype, sim.dtype), PREC=dot_precision(acc),
         BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_D=block_d,
-        num_warps=_NUM_WARPS_DOT, num_stages=_NUM_STAGES,
+        num_warps=_warps_dot(acc), num_stages=_NUM_STAGES,
     )
     grad_center = torch.empty((B, C, D), dtype=center_out.dtype, device=dev)
     _finish(part, None, None, grad_center, None, acc_tl, add_center=False, divide=False, store_w=False)

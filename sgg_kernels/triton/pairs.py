@@ -58,16 +58,22 @@ from ._pairs_kernels import (
 # ---------------------------------------------------------------------------------------------
 _BLOCK_P = 64  # pairs per tile: forward, d weight, d union
 _BLOCK_P_ROWS = 32  # pairs per step of one row's CSR list (d subj / d obj): ~24-80 pairs per box
+_BLOCK_P_ROWS_NATIVE = 16  # fp16/bf16: 32 spilled 16 B on sm_80 (fp32 spills at 16 instead)
 _MAX_BLOCK_C = 64  # C = 51 is one block
 _MAX_BLOCK_D = 64
 _BLOCK_P_FP64 = 32  # fp64 tiles are twice the bytes
+_BLOCK_P_DUNION_FMA = 32  # fp32/fp64 d union: BLOCK_P = 64 spilled 32 B on sm_80 (tf32x3 on mma.sync)
 _BLOCK_P_DWEIGHT_FMA = 32  # d weight's dot reduces over pairs: a shorter reduction for the FMA (fp32/fp64) dot
 _MAX_BLOCK_D_FP64 = 32
+_MAX_BLOCK_D_FP32 = 32  # fp32 tf32x3 dots hold each operand as two TF32 halves: BLOCK_D = 64 spilled at C < 32
+_BLOCK_D_DWEIGHT_FP64 = 16  # fp64 d weight spilled 16 B at BLOCK_D = 32
 _NUM_WARPS = 8
 _NUM_STAGES = 2  # forward and d union
 _NUM_STAGES_LOOP = 1  # d weight and d subj/obj: their pipelined variants spilled
-_TARGET_PROGRAMS = 2 * 132  # d weight: two waves of an H100's 132 SMs; fixed so chunking depends on shapes only
+_SMS = 132  # an H100/H200's SMs
+_TARGET_PROGRAMS = 2 * _SMS  # d weight: two waves of an H100's 132 SMs; fixed so chunking depends on shapes only
 _MIN_TILES_PER_CHUNK = 2  # a chunk's [C, BLOCK_D] partial should cost much less than its g tiles
+_MIN_D_PER_SPLIT = 256  # forward split over D: each split reads >= 256 columns of g per pair tile
 
 
 def _interpret() -> bool:
@@ -84,11 +90,20 @@ def _pow2(n: int, cap: int) -> int:
     return max(16, min(triton.next_power_of_2(max(int(n), 1)), cap))
 
 
-def _blocks(C: int, D: int, acc: torch.dtype) -> Tuple[int, int, int]:
+def _blocks(C: int, D: int, acc: torch.dtype, native: bool) -> Tuple[int, int, int]:
     """(BLOCK_P, BLOCK_C, BLOCK_D) for the pair-tiled kernels."""
     fp64 = acc == torch.float64
     block_p = max(16, _BLOCK_P_FP64 if fp64 else _BLOCK_P)
-    return block_p, _pow2(C, _MAX_BLOCK_C), _pow2(D, _MAX_BLOCK_D_FP64 if fp64 else _MAX_BLOCK_D)
+    cap_d = _MAX_BLOCK_D_FP64 if fp64 else (_MAX_BLOCK_D if native else min(_MAX_BLOCK_D, _MAX_BLOCK_D_FP32))
+    return block_p, _pow2(C, _MAX_BLOCK_C), _pow2(D, cap_d)
+
+
+def _forward_target(acc: torch.dtype, native: bool) -> int:
+    """Programs the forward aims for: two waves at the CTAs per SM its variant fits on sm_90
+    (check_triton_compile.py: fp32 ~230 registers at 8 warps -> 1 CTA/SM; fp64 ~110 -> 2;
+    fp16/bf16 56-97 -> 2-4)."""
+    per_sm = 4 if native else (2 if acc == torch.float64 else 1)
+    return 2 * per_sm * _SMS
 
 
 def _native(dtype: torch.dtype) -> bool:
@@ -125,19 +140,42 @@ def pairwise_edge_fusion(subj: Tensor, obj: Tensor, union: Optional[Tensor], pai
     if P == 0 or C == 0:
         return out
     acc_tl, acc = _acc(subj.dtype)
-    block_p, block_c, block_d = _blocks(C, D, acc)
+    native = _native(subj.dtype)
+    block_p, block_c, block_d = _blocks(C, D, acc, native)
     u, du, s_up = _union_args(union, subj)
     has_bias = bias is not None
-    grid = (triton.cdiv(P, block_p), triton.cdiv(C, block_c))
+    tiles = triton.cdiv(P, block_p) * triton.cdiv(C, block_c)
+    n_splits, d_per_split = _split_d(tiles, D, block_d, _forward_target(acc, native))
+    grid = (triton.cdiv(P, block_p), triton.cdiv(C, block_c), n_splits)
+    # One split: the logits directly. Several: ACC partials [n_splits, P, C], summed over splits in
+    # a fixed order (deterministic) and the bias added once.
+    dest = out if n_splits == 1 else torch.empty((n_splits, P, C), dtype=acc, device=subj.device)
     _fusion_forward_kernel[grid](
-        subj, obj, u, pairs, weight, bias if has_bias else weight, out,
-        P, K, C, D, du,
+        subj, obj, u, pairs, weight, bias if has_bias else weight, dest,
+        P, K, C, D, du, d_per_split,
         subj.stride(0), obj.stride(0), s_up, *pairs.stride(), weight.stride(0),
-        ACC=acc_tl, HAS_UNION=union is not None, HAS_BIAS=has_bias, DOT_NATIVE=_native(subj.dtype), PREC=dot_precision(acc),
-        BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_D=block_d,
+        ACC=acc_tl, HAS_UNION=union is not None, HAS_BIAS=has_bias and n_splits == 1, DOT_NATIVE=native,
+        PREC=dot_precision(acc), BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_D=block_d,
         num_warps=_NUM_WARPS, num_stages=_NUM_STAGES,
     )
+    if n_splits > 1:
+        logits = dest.sum(dim=0)
+        if has_bias:
+            logits += bias.to(acc)
+        out.copy_(logits)
     return out
+
+
+def _split_d(tiles: int, D: int, block_d: int, target: int = _TARGET_PROGRAMS) -> Tuple[int, int]:
+    """(n_splits, d_per_split) of the forward's reduction over D: enough (P, C) tiles x splits for
+    ``target`` programs (two waves) when the pair tiles alone are fewer (paper, fp32: 38 tiles -> 7
+    splits of 608 columns), each split at least _MIN_D_PER_SPLIT wide so its [P, C] partial stays small next to
+    the g tiles it reads (paper: 7 x 2,400 x 51 x 4 B = 3.4 MB against ~43 MB of inputs). A
+    function of the shapes alone (determinism)."""
+    n_db = max(1, triton.cdiv(D, block_d))
+    want = min(triton.cdiv(target, max(tiles, 1)), max(1, D // _MIN_D_PER_SPLIT))
+    per_split = triton.cdiv(n_db, max(want, 1)) * block_d
+    return max(1, triton.cdiv(D, per_split)), per_split
 
 
 def _csr(key: Tensor, K: int) -> Tuple[Tensor, Tensor]:
@@ -158,8 +196,8 @@ def pairwise_edge_fusion_backward(grad: Tensor, subj: Tensor, obj: Tensor, union
     P, C = pairs.shape[0], weight.shape[0]
     dev = subj.device
     acc_tl, acc = _acc(subj.dtype)
-    block_p, block_c, block_d = _blocks(C, D, acc)
     native = _native(subj.dtype)
+    block_p, block_c, block_d = _blocks(C, D, acc, native)
     u, du, s_up = _union_args(union, subj)
     has_union = union is not None
     d_subj = torch.empty((K, D), dtype=subj.dtype, device=dev)
@@ -177,7 +215,8 @@ def pairwise_edge_fusion_backward(grad: Tensor, subj: Tensor, obj: Tensor, union
 
     # d weight, d bias: per-chunk partials, summed over chunks by torch (fixed order).
     block_p_dw = block_p if native else max(16, min(block_p, _BLOCK_P_DWEIGHT_FMA))
-    n_db = max(1, triton.cdiv(D, block_d))
+    block_d_dw = min(block_d, _BLOCK_D_DWEIGHT_FP64) if acc == torch.float64 else block_d
+    n_db = max(1, triton.cdiv(D, block_d_dw))
     n_chunks, per_chunk = _chunking(P, block_p_dw, n_db)
     part = torch.empty((n_chunks, C, D), dtype=acc, device=dev)
     part_b = torch.empty((n_chunks, C), dtype=acc, device=dev) if has_bias else part
@@ -186,7 +225,7 @@ def pairwise_edge_fusion_backward(grad: Tensor, subj: Tensor, obj: Tensor, union
         P, K, C, D, du, per_chunk,
         s_gp, s_gc, subj.stride(0), obj.stride(0), s_up, s_pp, s_pc,
         ACC=acc_tl, HAS_UNION=has_union, HAS_BIAS=has_bias, DOT_NATIVE=native, PREC=dot_precision(acc),
-        BLOCK_P=block_p_dw, BLOCK_C=block_c, BLOCK_D=block_d,
+        BLOCK_P=block_p_dw, BLOCK_C=block_c, BLOCK_D=block_d_dw,
         num_warps=_NUM_WARPS, num_stages=_NUM_STAGES_LOOP,
     )
     d_weight = part.sum(dim=0).to(weight.dtype)
@@ -197,7 +236,7 @@ def pairwise_edge_fusion_backward(grad: Tensor, subj: Tensor, obj: Tensor, union
         s, o = pairs[:, 0], pairs[:, 1]
         valid = (s >= 0) & (s < K) & (o >= 0) & (o < K)
         invalid = torch.full_like(s, K)
-        block_rows = max(16, _BLOCK_P_ROWS)
+        block_rows = max(16, _BLOCK_P_ROWS_NATIVE if native else _BLOCK_P_ROWS)
         for self_col, other, out in ((0, obj, d_subj), (1, subj, d_obj)):
             order, offsets = _csr(torch.where(valid, pairs[:, self_col], invalid), K)
             _fusion_drows_kernel[(K, triton.cdiv(D, block_d))](
@@ -210,12 +249,13 @@ def pairwise_edge_fusion_backward(grad: Tensor, subj: Tensor, obj: Tensor, union
             )
 
     if has_union and du > 0:
-        _fusion_dunion_kernel[(triton.cdiv(P, block_p), triton.cdiv(du, _pow2(du, block_d)))](
+        block_p_du = block_p if native else max(16, min(block_p, _BLOCK_P_DUNION_FMA))
+        _fusion_dunion_kernel[(triton.cdiv(P, block_p_du), triton.cdiv(du, _pow2(du, block_d)))](
             grad, subj, obj, pairs, weight, d_union,
             P, K, C, du,
             s_gp, s_gc, subj.stride(0), obj.stride(0), s_pp, s_pc, weight.stride(0),
             ACC=acc_tl, DOT_NATIVE=native, PREC=dot_precision(acc),
-            BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_D=_pow2(du, block_d),
+            BLOCK_P=block_p_du, BLOCK_C=block_c, BLOCK_D=_pow2(du, block_d),
             num_warps=_NUM_WARPS, num_stages=_NUM_STAGES,
         )
     return d_subj, d_obj, d_union, d_weight, d_bias
