@@ -54,7 +54,7 @@ _MAX_BLOCK_Q = 32  # prototypes per distance tile: Q = 51 is two blocks
 _BLOCK_DIST_D = 8  # columns per step of the direct differences
 _BLOCK_N_DOT = 64  # rows per tile of the grad GEMMs (grad x tile, grad P reduction step)
 _MAX_BLOCK_Q_DOT = 64  # prototypes per grad GEMM tile: Q = 51 is one block
-_MAX_BLOCK_D_DOT = 64  # columns per grad x tile
+_MAX_BLOCK_D_DOT = 32  # columns per grad x tile (64 spilled 8 B on sm_80)
 _MAX_BLOCK_D_GRAD_P = 32  # columns per grad P tile
 _FP64_SHRINK = 2  # fp64 tiles are twice the bytes: halve the row blocks
 _NUM_WARPS = 4
