@@ -26,7 +26,15 @@ def test_sgg_bench_writes_results_json(tmp_path):
     for r in rows:
         assert r["size"] == "small" and not r.get("error"), r
         assert r["median_ms"] > 0 and r["peak_mem_mb"] >= 0
+        # every row states its floor for its pass; the % of floor is CUDA-only (no CPU peak assumed)
+        assert r["floor_bytes"] > 0 and r["floor_flops"] > 0, r
+        assert r["floor_ms"] is None and r["pct_of_floor"] is None, r
+        fl = data["floors"][r["op"]]["small"]
+        assert r["floor_bytes"] == fl["bytes_fwd"] + (fl["bytes_bwd"] if r["pass"] == "fwd+bwd" else 0)
+    assert data["peaks"] is None
     assert "cluster_aggregate" in proc.stdout and "median" in proc.stdout.lower()
+    header = next(line for line in proc.stdout.splitlines() if line.startswith("op "))
+    assert "floor MB" in header and "floor GFLOP" in header and "%" not in header
 
 
 def test_superpixel_example_runs():

@@ -7,6 +7,9 @@
   measures them, turning errors into rows;
 - :mod:`.timing`: median time (CUDA events via ``triton.testing.do_bench``; CPU via
   ``torch.utils.benchmark``) and peak memory (CUDA allocator stats; CPU profiler memory events);
+- :mod:`.floors`: each case's floor (bytes that must move, FLOPs; fwd and bwd) from its inputs,
+  the copy bandwidth and GEMM rates measured on CUDA, the "% of floor" (``python -m
+  sgg_kernels.bench.floors`` prints the floors at named sizes);
 - :mod:`.report`: the table, the JSON file, the optional plot, device names.
 
 The pytest-benchmark suite in ``benchmarks/`` reuses the same cases and steps.

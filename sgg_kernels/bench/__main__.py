@@ -1,7 +1,9 @@
 """``sgg-bench`` / ``python -m sgg_kernels.bench``: time every op against the eager and compiled reference.
 
 For each (op, size, pass in {fwd, fwd+bwd}, impl in {fused, eager, compile}) it measures the median
-time and the peak memory beyond the inputs, prints a table (speedup = eager median / median) and
+time and the peak memory beyond the inputs, states the case's floor (bytes that must move, FLOPs;
+``sgg_kernels/bench/floors.py``), and on CUDA the % of that floor reached, from a copy bandwidth and
+GEMM rates measured in the same run; prints a table (speedup = eager median / median) and
 writes ``benchmarks/results/local/<device>.json`` (git-ignored: a default run never overwrites a
 committed result file; ``--out benchmarks/results/<device>.json`` writes one on purpose). An impl that fails (a kernel not built yet, a compile
 error, out of memory) becomes an error row; the run goes on.
@@ -23,6 +25,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
+from . import floors as floors_mod
 from . import registry, report, runner, timing
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -43,7 +46,9 @@ def parser() -> argparse.ArgumentParser:
         epilog=(
             "fwd times a training forward (inputs require grad); fwd+bwd adds\n"
             "torch.autograd.grad(outputs, inputs, fixed random cotangents).\n"
-            "Peak MB: memory held at the peak of one call beyond its inputs (MB = 2**20 bytes)."
+            "Peak MB: memory held at the peak of one call beyond its inputs (MB = 2**20 bytes).\n"
+            "Floor MB / GFLOP: bytes that must move and FLOPs that must happen (sgg_kernels/bench/floors.py);\n"
+            "on CUDA, % floor = floor time at the copy bandwidth and GEMM rate measured in the same run / median."
         ),
     )
     p.add_argument("--device", choices=("cpu", "cuda"), default=None,
@@ -171,16 +176,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         log(f"warning: the CPU memory probe measured {mem_probe:.2f} MB for a 3.81 MB tensor; peak MB may be wrong")
     start = time.perf_counter()
     results: List[runner.Result] = []
+    floors: dict = {}
+    peaks = None
     interrupted = False
     try:
+        if device.type == "cuda":  # the copy bandwidth and GEMM rates of the % of floor, in this run
+            peaks = floors_mod.measure_peaks(device, tuple(floors_mod.GEMM_DTYPES) + (args.dtype,), log=log)
         runner.run(cases, sizes, impls, passes, device=device, dtype=dtype, seed=args.seed,
-                   min_time=args.min_time, backend=args.backend, progress=progress, log=log, results=results)
+                   min_time=args.min_time, backend=args.backend, progress=progress, log=log, results=results,
+                   floors=floors)
     except KeyboardInterrupt:  # show what was measured so far; write no file
         interrupted = True
         runner.add_speedups(results)
     finally:
         if progress is not None:
             progress.close()
+    floors_mod.apply_peaks(results, peaks)
     wall_s = time.perf_counter() - start
 
     # -- report --------------------------------------------------------------------------------
@@ -195,10 +206,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         f"peak MB: {how['memory']}",
         "vs eager: eager median / this median (same op, size, pass). fwd = training forward (inputs require grad);",
         "fwd+bwd = forward + torch.autograd.grad with fixed random cotangents. compile = torch.compile(reference, dynamic=False).",
+        *report.floor_lines(peaks, device),
         *_size_lines(cases, sizes),
         f"total wall time {wall_s:.0f} s" + (f", of which torch.compile warm-up (first calls) {compile_s:.0f} s" if compile_s else ""),
     ]
-    print(report.table(results, footer))
+    print(report.table(results, footer, percent=device.type == "cuda" and bool(peaks and peaks.get("copy_gbps"))))
     if interrupted:
         print("interrupted: the rows above are what was measured; no JSON written", file=sys.stderr)
         return 130
@@ -212,7 +224,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         }
         if mem_probe is not None:
             extra["memory_probe_mb"] = round(mem_probe, 3) if mem_probe == mem_probe else None  # NaN: no probe
-        report.write_json(report.document(results, device, command, extra), path)
+        report.write_json(report.document(results, device, command, extra, floors=floors, peaks=peaks), path)
         print(f"wrote {path}")
     if args.plot:
         try:

@@ -46,6 +46,10 @@ class Case:
         kernels: the op's backend tables (``sgg_kernels._backend.Kernels``, forward first), to
             report which backend ``fused`` ran; empty if unknown.
         describe: ``size_name -> str``, a short shape summary for the table footer.
+        floor: ``inputs -> sgg_kernels.bench.floors.Floor``, the bytes that must move and the FLOPs
+            that must happen, forward and backward, for these inputs; ``None`` (the default): the
+            function registered under the case's name in ``sgg_kernels.bench.floors.FLOORS``.
+            Every case must have one (a test checks it); see :meth:`compute_floor`.
     """
 
     name: str
@@ -57,6 +61,7 @@ class Case:
     grad_inputs: Tuple[str, ...]
     kernels: Tuple = ()
     describe: Optional[Callable[[str], str]] = None
+    floor: Optional[Callable[[Inputs], Any]] = None
 
     def prepare(self, size: str, device, dtype: torch.dtype = torch.float32, seed: int = 0) -> Inputs:
         """Inputs for ``size`` with ``requires_grad`` set on :attr:`grad_inputs` (fresh leaves)."""
@@ -66,6 +71,14 @@ class Case:
         for name in self.grad_inputs:
             inputs[name] = inputs[name].detach().requires_grad_(True)
         return inputs
+
+    def compute_floor(self, inputs: Inputs):
+        """The :class:`~sgg_kernels.bench.floors.Floor` of this case for ``inputs`` (from
+        :meth:`prepare`): :attr:`floor` if given, else ``floors.FLOORS[self.name]``; a ``KeyError``
+        if neither exists."""
+        from . import floors
+
+        return floors.floor_of(self, inputs)
 
     def backend(self, device_type: str) -> str:
         """The backend(s) ``fused`` runs on ``device_type`` now: ``"cpu"``, ``"triton/reference"``, ..."""

@@ -5,10 +5,16 @@ JSON layout (one file per device, ``benchmarks/results/<device>.json`` by defaul
     {"device": str, "torch": str, "triton": str, "command": str, "date": ISO 8601,
      "results": [{"op", "size", "pass": "fwd" | "fwd+bwd", "impl": "fused" | "eager" | "compile",
                   "median_ms", "peak_mem_mb", "speedup", "backend", "dtype", "first_call_s",
-                  "error"}],
+                  "error", "floor_bytes", "floor_flops", "floor_ms", "pct_of_floor"}],
+     "floors": {op: {size: {"bytes_fwd", "flops_fwd", "bytes_bwd", "flops_bwd"}}},
+     "peaks": null (CPU) | {"copy_gbps", "copy_bytes", "gemm_tflops": {dtype: TFLOP/s}, "gemm_n",
+                            "float32_matmul_precision", "method"},
      ...environment fields (cpu, cuda, sgg_kernels, git, timer, memory, sizes)}
 
 ``median_ms``/``peak_mem_mb``/``speedup`` are ``null`` on error rows, whose ``error`` says why.
+``floor_bytes``/``floor_flops`` are the case's floor for the row's pass (:mod:`.floors`);
+``floor_ms``/``pct_of_floor`` are ``null`` except on CUDA, where they come from the copy bandwidth
+and GEMM rate measured in the same run (``peaks``): no CPU peak is ever assumed.
 """
 from __future__ import annotations
 
@@ -25,6 +31,8 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from .runner import Result
+
+MB = float(2 ** 20)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -136,9 +144,34 @@ def _fmt_ms(v: Optional[float]) -> str:
     return f"{v:.3f}" if v < 10 else f"{v:.2f}" if v < 1000 else f"{v:.0f}"
 
 
-def table(results: Sequence[Result], footer: Sequence[str] = ()) -> str:
-    """The results as a fixed-width text table; error rows point to numbered notes below it."""
-    headers = ("op", "size", "pass", "impl", "backend", "median ms", "vs eager", "peak MB")
+def _fmt_floor_mb(nbytes: Optional[int]) -> str:
+    if nbytes is None:
+        return "-"
+    mb = nbytes / MB
+    return f"{mb:.3f}" if mb < 1 else f"{mb:.1f}" if mb < 1000 else f"{mb:.0f}"
+
+
+def _fmt_gflop(flops: Optional[int]) -> str:
+    if flops is None:
+        return "-"
+    g = flops / 1e9
+    if g == 0:
+        return "0"
+    return f"{g:.1e}" if g < 0.001 else f"{g:.4f}" if g < 0.01 else f"{g:.3f}" if g < 10 else f"{g:.1f}"
+
+
+def table(results: Sequence[Result], footer: Sequence[str] = (), percent: Optional[bool] = None) -> str:
+    """The results as a fixed-width text table; error rows point to numbered notes below it.
+
+    Every row shows its case's floor for its pass (MB = 2**20 bytes, GFLOP = 1e9 FLOPs). The
+    "% floor" column (floor time / median, from peaks measured in the same run) appears when
+    ``percent`` is true; None: when any row has one (CUDA runs), never on the CPU.
+    """
+    if percent is None:
+        percent = any(r.pct_of_floor is not None for r in results)
+    headers = ("op", "size", "pass", "impl", "backend", "median ms", "vs eager", "peak MB", "floor MB", "floor GFLOP")
+    if percent:
+        headers += ("% floor",)
     errors: List[str] = []
     rows = []
     for r in results:
@@ -150,9 +183,14 @@ def table(results: Sequence[Result], footer: Sequence[str] = ()) -> str:
             ms = _fmt_ms(r.median_ms)
         speed = "-" if r.speedup is None else f"{r.speedup:.2f}x" if r.speedup >= 0.095 else f"{r.speedup:.3f}x"
         mem = f"{r.peak_mem_mb:.1f}" if r.peak_mem_mb is not None else "-"
-        rows.append((r.op, r.size, r.pass_, r.impl, r.backend or "-", ms, speed, mem))
+        cells = (r.op, r.size, r.pass_, r.impl, r.backend or "-", ms, speed, mem, _fmt_floor_mb(r.floor_bytes),
+                 _fmt_gflop(r.floor_flops))
+        if percent:
+            pct = r.pct_of_floor
+            cells += ("-" if pct is None else f"{pct:.1f}%" if pct >= 0.1 else f"{pct:.2f}%",)
+        rows.append(cells)
     widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(headers)]
-    right = {5, 6, 7}
+    right = set(range(5, len(headers)))
 
     def line(cells):
         return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
@@ -173,10 +211,51 @@ def table(results: Sequence[Result], footer: Sequence[str] = ()) -> str:
     return "\n".join(out)
 
 
+def floor_lines(peaks: Optional[Dict], device: torch.device) -> List[str]:
+    """Footer lines saying what the floor columns mean and, on CUDA, the peaks measured."""
+    lines = ["floor MB / GFLOP: what the row's pass must move (inputs read once, outputs written once; bwd: output "
+             "grads + needed inputs/outputs read once, input grads written once) and compute (a multiply-add = 2 "
+             "FLOPs), from the case's shapes (sgg_kernels/bench/floors.py)."]
+    if device.type != "cuda":
+        lines.append("% of floor: CUDA only (measured copy bandwidth and GEMM rate); no CPU peak is assumed.")
+        return lines
+    if not peaks or not peaks.get("copy_gbps"):
+        lines.append("% of floor: not available (the copy bandwidth could not be measured).")
+        return lines
+    rates = ", ".join(f"{k} {v:.1f}" for k, v in (peaks.get("gemm_tflops") or {}).items())
+    lines.append(f"% floor = 100 x max(bytes / {peaks['copy_gbps']:.0f} GB/s, FLOPs / GEMM rate) / median (fwd+bwd: "
+                 f"per phase, added); measured in this run: copy {peaks['copy_gbps']:.0f} GB/s "
+                 f"({peaks['copy_bytes'] / 2 ** 30:.2f} GiB device-to-device), GEMM {peaks['gemm_n']}^3 TFLOP/s: "
+                 f"{rates or 'none'} (float32 matmul precision {peaks['float32_matmul_precision']!r}).")
+    return lines
+
+
 # ---------------------------------------------------------------------------------------------
 # JSON and plot
 # ---------------------------------------------------------------------------------------------
-def document(results: Sequence[Result], device: torch.device, command: str, extra: Optional[Dict] = None) -> Dict:
+def floors_json(floors: Optional[Dict]) -> Dict:
+    """``{(op, size): Floor}`` -> ``{op: {size: {bytes_fwd, flops_fwd, bytes_bwd, flops_bwd}}}``."""
+    out: Dict = {}
+    for (op, size), fl in (floors or {}).items():
+        out.setdefault(op, {})[size] = fl.to_json()
+    return out
+
+
+def peaks_json(peaks: Optional[Dict]) -> Optional[Dict]:
+    """The measured peaks, rounded, with how they were measured; None on the CPU."""
+    if not peaks:
+        return None
+    out = dict(peaks)
+    if out.get("copy_gbps") is not None:
+        out["copy_gbps"] = round(out["copy_gbps"], 1)
+    out["gemm_tflops"] = {k: round(v, 2) for k, v in (out.get("gemm_tflops") or {}).items()}
+    out["method"] = ("median time (the cases' timer) of dst.copy_(src), a device-to-device copy of copy_bytes, "
+                     "2 x copy_bytes moved; of a @ b with gemm_n x gemm_n matrices per dtype, 2 gemm_n^3 FLOPs")
+    return out
+
+
+def document(results: Sequence[Result], device: torch.device, command: str, extra: Optional[Dict] = None,
+             floors: Optional[Dict] = None, peaks: Optional[Dict] = None) -> Dict:
     env = environment(device)
     doc = {
         "device": env.pop("device"),
@@ -185,6 +264,8 @@ def document(results: Sequence[Result], device: torch.device, command: str, extr
         "command": command,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "results": [r.to_json() for r in results],
+        "floors": floors_json(floors),
+        "peaks": peaks_json(peaks),
     }
     doc.update(env)
     doc.update(extra or {})

@@ -13,13 +13,18 @@ Passes:
 - ``fwd+bwd``: the forward plus ``torch.autograd.grad(outputs, grad_inputs, cotangents)``, i.e. the
   gradient of the loss ``sum_o <o, cot_o>`` with fixed random cotangents (fresh gradients each
   call, nothing accumulates).
+
+Floors: every row carries its case's floor for its pass (``floor_bytes``, ``floor_flops``: see
+:mod:`.floors`), computed from the inputs once per (case, size); on CUDA the CLI adds
+``floor_ms`` and ``pct_of_floor`` from the peaks it measured in the same run
+(:func:`.floors.apply_peaks`).
 """
 from __future__ import annotations
 
 import gc
 import time
-from dataclasses import asdict, dataclass
-from typing import Callable, Dict, Iterable, List, Optional, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -45,15 +50,23 @@ class Result:
     dtype: str = "float32"
     first_call_s: Optional[float] = None  # the cold first call (compilation included for compile)
     error: Optional[str] = None
+    floor_bytes: Optional[int] = None  # the case's floor for this pass (floors.Floor.bytes(pass_))
+    floor_flops: Optional[int] = None
+    floor_ms: Optional[float] = None  # CUDA only: max(bytes / copy bandwidth, FLOPs / GEMM rate), per phase
+    pct_of_floor: Optional[float] = None  # CUDA only: 100 * floor_ms / median_ms
+    floor: Optional[Any] = field(default=None, repr=False, compare=False)  # the floors.Floor itself (not in JSON)
+
+    JSON_ORDER = ("op", "size", "pass", "impl", "median_ms", "peak_mem_mb", "speedup", "backend", "dtype",
+                  "first_call_s", "error", "floor_bytes", "floor_flops", "floor_ms", "pct_of_floor")
 
     def to_json(self) -> Dict:
-        row = asdict(self)
+        row = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "floor"}
         row["pass"] = row.pop("pass_")
-        for key, digits in (("median_ms", 5), ("peak_mem_mb", 3), ("speedup", 3), ("first_call_s", 3)):
+        for key, digits in (("median_ms", 5), ("peak_mem_mb", 3), ("speedup", 3), ("first_call_s", 3),
+                            ("floor_ms", 5), ("pct_of_floor", 2)):
             if row[key] is not None:
                 row[key] = round(row[key], digits)
-        order = ("op", "size", "pass", "impl", "median_ms", "peak_mem_mb", "speedup", "backend", "dtype", "first_call_s", "error")
-        return {k: row[k] for k in order}
+        return {k: row[k] for k in self.JSON_ORDER}
 
 
 def make_step(fn: Callable, inputs: Inputs, grad_inputs: Sequence[str], pass_: str, seed: int = 0) -> Callable[[], None]:
@@ -155,6 +168,7 @@ def run(
     progress=None,
     log: Callable[[str], None] = print,
     results: Optional[List[Result]] = None,
+    floors: Optional[Dict[Tuple[str, str], Any]] = None,
 ) -> List[Result]:
     """Measure every (case, size, impl, pass); errors become rows, they never stop the run.
 
@@ -163,14 +177,21 @@ def run(
     ``progress`` (e.g. a tqdm bar) gets ``update(1)`` per (case, size, impl, pass) and
     ``set_postfix_str`` with what runs; ``log`` gets one line per error. Rows are appended to
     ``results`` (a new list if None) as they are measured, so a caller keeps them on Ctrl-C.
+    Each row gets its case's floor for its pass (:mod:`.floors`, from the inputs, outside any timed
+    region); ``floors``, if given, is filled with ``(op, size) -> Floor``. A floor that cannot be
+    computed is logged and left None; it never stops the run.
     """
     if results is None:
         results = []
     dname = str(dtype).replace("torch.", "")
     for case in cases:
         for size in sizes:
+            floor = None
+
             def row(impl, pass_, **kw):
                 be = (case.backend(device.type) if backend is None else backend) if impl == "fused" else "reference"
+                if floor is not None:
+                    kw.update(floor=floor, floor_bytes=floor.bytes(pass_), floor_flops=floor.flops(pass_))
                 return Result(op=case.name, size=size, pass_=pass_, impl=impl, backend=be, dtype=dname, **kw)
 
             if size not in case.sizes:  # e.g. a family without a `mid` size: nothing to report
@@ -185,6 +206,12 @@ def run(
                         results.append(row(impl, pass_, error=msg))
                         _tick(progress)
                 continue
+            try:
+                floor = case.compute_floor(inputs)
+                if floors is not None:
+                    floors[(case.name, size)] = floor
+            except Exception as exc:  # a missing or broken floor: the rows say nothing about it
+                log(f"{case.name} [{size}]: floor: {summarize(exc)}")
             for impl in impls:
                 try:
                     fn = impl_callable(case, impl, backend)
