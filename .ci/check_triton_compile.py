@@ -45,6 +45,7 @@ HOT = {
     "_cosine_assign_kernel", "_superpixel_kernel", "_cluster_partial_kernel", "_cosine_assign_backward_kernel",
     "_cluster_aggregate_backward_kernel", "_cluster_dispatch_kernel", "_cluster_dispatch_backward_kernel",
     "_fusion_forward_kernel", "_fusion_dweight_kernel", "_fusion_drows_kernel", "_fusion_dunion_kernel",
+    "_prototype_dot_kernel", "_prototype_grad_x_kernel", "_prototype_grad_p_kernel",
 }
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/ptxas")
 DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
@@ -124,7 +125,9 @@ class Recorder:
         elif spill:
             self.errors.append(f"{where}: spills {spill} bytes per thread")
         hot = fn.__name__ in HOT and self.size in ("paper", "sgdet")
-        if hot and waves < 1:
+        if hot and waves < 1 and flags.get("ACC") == "fp64":  # fp64: the gradcheck dtype, reported
+            self.warnings.append(f"{where}: {programs} programs at {ctas} CTAs/SM is {waves:.2f} waves (< 1, fp64)")
+        elif hot and waves < 1:
             self.errors.append(f"{where}: {programs} programs at {ctas} CTAs/SM is {waves:.2f} waves (< 1)")
         elif hot and (waves < 2 or ctas < 2):
             self.warnings.append(f"{where}: {programs} programs, {ctas} CTAs/SM, {waves:.2f} waves")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+import threading
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterator, Optional
@@ -126,7 +127,40 @@ def set_checks(enabled: bool) -> None:
 
 
 def checks_enabled() -> bool:
+    """The switch of :func:`set_checks` (process-wide; :func:`value_checks_on` is what an op reads)."""
     return _CHECKS["on"]
+
+
+# A module whose forward has checked all of its packed inputs in one fused reduction (one sync)
+# calls its ops inside `suspended_value_checks()`, so that they do not check (and sync) again. Per
+# thread: the suspension covers the ops the module's forward calls on its own thread (the ops' value
+# checks run in their forward bodies, never in a backward on autograd's threads), not other threads'
+# ops. Shape, dtype and device checks are plain Python in the ops' wrappers and always run.
+_SUSPENDED = threading.local()
+
+
+def value_checks_on() -> bool:
+    """Whether an op runs its value checks now: :func:`set_checks` is on and no enclosing module has
+    suspended them on this thread (:func:`suspended_value_checks`, after checking its inputs)."""
+    return _CHECKS["on"] and not getattr(_SUSPENDED, "depth", 0)
+
+
+@contextlib.contextmanager
+def suspended_value_checks() -> Iterator[None]:
+    """Skip the ops' value checks (index ranges, same image, finite boxes: a reduction and a host
+    sync each) inside the block, on this thread; shape, dtype and device checks still run.
+
+    For modules only, and only after they have checked, in one fused reduction, every value the ops
+    called inside the block would check (see ``_checks.module_value_checks``). Nests; restored on
+    exceptions. Not for use inside ``torch.compile``'d code (the modules take the ops' own checks
+    there: a traced graph runs its ops after the forward that traced them has returned).
+    """
+    depth = getattr(_SUSPENDED, "depth", 0)
+    _SUSPENDED.depth = depth + 1
+    try:
+        yield
+    finally:
+        _SUSPENDED.depth = depth
 
 
 # ---------------------------------------------------------------------------------------------

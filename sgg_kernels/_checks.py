@@ -3,6 +3,11 @@
 Shape, dtype and device checks run in the Python wrappers before any op is dispatched (they are
 free and trace cleanly under ``torch.compile``). Checks of index *values* cost a reduction and a
 device sync; they run inside the registered ops, only while ``set_checks(True)`` (the default).
+
+A module (``sgg_kernels.models``) checks the values of all its packed inputs once per forward, in one
+fused reduction and one sync, then calls its ops inside ``_backend.suspended_value_checks()`` so that
+they do not check again: :func:`module_value_checks` says whether it should, :func:`index_ranges`
+does the fused part of the work.
 """
 from __future__ import annotations
 
@@ -10,6 +15,8 @@ import numbers
 from typing import Optional, Sequence
 
 import torch
+
+from ._backend import value_checks_on
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -138,3 +145,26 @@ def index_range(index: torch.Tensor, name: str, upper: int, what: str) -> None:
         return
     lo, hi = index_bounds(index).tolist()
     check_bounds(lo, hi, name, upper, what)
+
+
+def module_value_checks() -> bool:
+    """Whether a module's forward runs its own fused value check now (and then calls its ops inside
+    ``_backend.suspended_value_checks()``): value checks on (:func:`sgg_kernels.set_checks`), not
+    already done by an enclosing module, and not while ``torch.compile`` traces the forward (Python
+    reading device values would break the graph; inside a compiled graph the ops check themselves,
+    as they run, and a module's check that is a registered op runs too)."""
+    if torch.compiler.is_compiling():
+        return False
+    return value_checks_on()
+
+
+def index_ranges(entries: Sequence[tuple]) -> None:
+    """Value check of several index tensors at once: ``entries`` is ``[(name, index, upper, what),
+    ...]``; one fused reduction and ONE sync for all of them (vs one each with :func:`index_range`),
+    then the IndexError of :func:`index_range` for the first entry out of range, in order."""
+    entries = [e for e in entries if e[1].numel() > 0]
+    if not entries:
+        return
+    stats = torch.cat([index_bounds(index) for _, index, _, _ in entries]).tolist()  # the one sync
+    for i, (name, _, upper, what) in enumerate(entries):
+        check_bounds(stats[2 * i], stats[2 * i + 1], name, upper, what)

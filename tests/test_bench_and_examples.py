@@ -135,3 +135,22 @@ def test_examples_without_cuda_say_so_in_one_line(script):
     assert "no CUDA device is visible to this torch" in errors[0] and torch.__version__ in errors[0]
     assert "--device cpu" in errors[0]
     assert "Traceback" not in proc.stderr and "not compiled with CUDA enabled" not in proc.stderr
+
+
+@pytest.mark.parametrize("impl,checks", [("fused", True), ("fused-nochecks", False)])
+def test_fused_nochecks_runs_without_value_checks(monkeypatch, impl, checks):
+    """`fused-nochecks` (sgg-bench's default on CUDA) runs the op with sk.set_checks(False): its
+    index value check (a reduction and a host sync) never runs; `fused` runs it every call. The
+    setting is restored afterwards."""
+    from sgg_kernels import _checks
+    from sgg_kernels._backend import checks_enabled
+    from sgg_kernels.bench import registry, runner
+
+    calls = []
+    original = _checks.index_range
+    monkeypatch.setattr(_checks, "index_range", lambda *a, **k: calls.append(a[1]) or original(*a, **k))
+    case = registry.all_cases()["cluster_dispatch"]
+    rows = runner.run([case], ["small"], impls=[impl], passes=["fwd", "fwd+bwd"], min_time=0.01, log=lambda _: None)
+    assert len(rows) == 2 and all(r.error is None and r.impl == impl and r.backend == case.backend("cpu") for r in rows)
+    assert bool(calls) == checks and set(calls) <= {"assign"}, calls
+    assert checks_enabled()

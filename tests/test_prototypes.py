@@ -227,28 +227,89 @@ def test_deterministic(backend, device):
 def small_triton_blocks(monkeypatch):
     from sgg_kernels.triton import prototypes as tp
 
-    monkeypatch.setattr(tp, "_BLOCK_N", 8)
-    monkeypatch.setattr(tp, "_MAX_BLOCK_Q", 4)
-    monkeypatch.setattr(tp, "_BLOCK_DIST_D", 4)
-    monkeypatch.setattr(tp, "_BLOCK_N_DOT", 16)
-    monkeypatch.setattr(tp, "_MAX_BLOCK_Q_DOT", 16)
-    monkeypatch.setattr(tp, "_MAX_BLOCK_D_DOT", 16)
-    monkeypatch.setattr(tp, "_MAX_BLOCK_D_GRAD_P", 16)
+    monkeypatch.setattr(tp, "_BLOCK_N", 16)
+    monkeypatch.setattr(tp, "_MAX_BLOCK_Q", 16)
+    monkeypatch.setattr(tp, "_BLOCK_D", 16)
+    monkeypatch.setattr(tp, "_BLOCK_N_FINISH", 8)
+    monkeypatch.setattr(tp, "_BLOCK_D_FIX", 8)
+    monkeypatch.setattr(tp, "_MIN_D_PER_SPLIT", 16)
+    monkeypatch.setattr(tp, "_MIN_N_PER_SPLIT", 16)
+    monkeypatch.setattr(tp, "_TARGET_PROGRAMS", 64)
+    monkeypatch.setattr(tp, "_FP64_SHRINK", 1)
     return tp
 
 
 @pytest.mark.parametrize("backend,device", [p for p in backend_params(TABLES) if p.values[0] == "triton"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
 def test_triton_multiblock_paths(backend, device, dtype, small_triton_blocks):
+    """Several row tiles, Q blocks, D splits (the dot kernel) and N splits (grad P), several
+    recompute steps, on strided inputs with coincident pairs."""
     require(TABLES, backend, device)
     tp = small_triton_blocks
     N, Q, D = 40, 37, 41
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    bn, bq, bd = tp._distance_blocks(Q, acc)
-    dn, dq, dd = tp._dot_blocks(Q, D, acc)
-    assert N > bn and Q > 2 * bq and D > 2 * bd and N > dn and Q > dq and D > 2 * dd
-    x, protos = _case(N, Q, D, dtype, device, seed=12, coincide=[(5, 30)], strided=True)
+    bn, bq, bd, _, _, d_splits, _ = tp._dot_grid(N, Q, D, acc, native=False)
+    fn, fq, fd = tp._finish_blocks(Q)
+    n_splits = tp._grad_p_grid(N, Q, D, acc, native=False)[5]
+    assert N > 2 * bn and Q > 2 * bq and N > 2 * fn and D > 2 * fd and d_splits >= 2 and n_splits >= 2
+    x, protos = _case(N, Q, D, dtype, device, seed=12, coincide=[(5, 30), (6, 30), (7, 2)], strided=True)
     _check_against_reference(backend, x, protos, dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# The GEMM formulation's exact recompute: s = |x|^2 + |p|^2 - 2 <x, p> cancels near x = p
+# ---------------------------------------------------------------------------------------------
+def _near_case(device, seed=16, N=23, Q=9, D=300, offset=1e-3):
+    """x_n = p_{n mod Q} + offset * noise for even n (s / (|x|^2 + |p|^2) ~ offset^2 / 2: far below
+    TAU, so every such pair cancels in the GEMM form), plain random rows for odd n."""
+    g = _gen(seed)
+    protos = torch.randn(Q, D, generator=g, dtype=torch.float64)
+    x = torch.randn(N, D, generator=g, dtype=torch.float64)
+    near = torch.arange(0, N, 2)
+    x[near] = protos[near % Q] + offset * torch.randn(len(near), D, generator=g, dtype=torch.float64)
+    return (x.float().to(device).requires_grad_(), protos.float().to(device).requires_grad_(), near, near % Q)
+
+
+@pytest.mark.parametrize("backend,device", backend_params(TABLES))
+def test_near_coincident_pairs_keep_fp32_accuracy(backend, device):
+    """Pairs 1e-3 apart (relative) at D = 300: the cancelling difference would lose ~6 digits in
+    float32; recomputed by direct differences, dist keeps float32 accuracy (relative 1e-5) and the
+    gradients match the float64 reference."""
+    require(TABLES, backend, device)
+    x, protos, near, q_near = _near_case(device)
+    (cos, dist), grads = run_with_grads(backend, sk.prototype_distance, (x, protos))
+    (cos_r, dist_r), grads_r = run_with_grads("reference", sk.prototype_distance, (to_ref(x), to_ref(protos)))
+    rel = ((dist.cpu().double() - dist_r) / dist_r).abs()
+    assert rel[near, q_near].max() < 1e-5, f"near pairs: relative dist error {rel[near, q_near].max():.2e}"
+    assert rel.max() < 1e-5, f"relative dist error {rel.max():.2e}"
+    assert_close(cos, cos_r, torch.float32, "cos")
+    for name, g, g_r in zip(("d x", "d protos"), grads, grads_r):
+        assert_close(g, g_r, torch.float32, name)
+
+
+@pytest.mark.parametrize("backend,device", [p for p in backend_params(TABLES) if p.values[0] == "triton"])
+def test_triton_recompute_threshold(backend, device, monkeypatch):
+    """The threshold decides: TAU = 0 (never recompute) loses the near pairs' accuracy (so the test
+    above can fail), TAU = 1 (recompute every pair) gives the same values as the default within
+    float32 rounding, on near and far pairs, forward and backward."""
+    require(TABLES, backend, device)
+    from sgg_kernels.triton import prototypes as tp
+
+    x, protos, near, q_near = _near_case(device)
+    (_, dist_r), _ = run_with_grads("reference", sk.prototype_distance, (to_ref(x), to_ref(protos)))
+    default = tp._TAU
+    results = {}
+    for tau in (0.0, 1.0, default):
+        monkeypatch.setattr(tp, "_TAU", tau)
+        results[tau] = run_with_grads(backend, sk.prototype_distance, (x, protos))
+    rel_never = ((results[0.0][0][1].cpu().double() - dist_r) / dist_r).abs()[near, q_near].max()
+    assert rel_never > 1e-3, f"without the recompute the near pairs should cancel (relative error {rel_never:.2e})"
+    (cos_all, dist_all), g_all = results[1.0]
+    (cos_def, dist_def), g_def = results[default]
+    assert_close(cos_all, cos_def, torch.float32, "cos, TAU = 1 vs default")
+    assert_close(dist_all, dist_def, torch.float32, "dist, TAU = 1 vs default")
+    for name, a, b in zip(("d x", "d protos"), g_all, g_def):
+        assert_close(a, b, torch.float32, f"{name}, TAU = 1 vs default")
 
 
 # ---------------------------------------------------------------------------------------------

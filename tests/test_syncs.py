@@ -161,6 +161,44 @@ def test_training_step_without_syncs_when_checks_off(make_step):
     assert not seen, f"a training step synchronises the host with checks off: {seen}"
 
 
+def _module_forwards():
+    """A forward of every module whose ops check index values: (name, call)."""
+    from sgg_kernels.models import RDE, GaussianPairMasks, SILNetwork
+
+    linknet, _ = _linknet_step()
+    sil, _ = _sil_step()
+    torch.manual_seed(0)
+    g = _gen(4)
+    net = SILNetwork(32, depth=2, num_centers=9, heads=2, mlp_hidden=64, encoder_head_dim=8)
+    boxes, box_batch, pairs, _ = _scene(size=48)
+    fmap = torch.randn(2, 32, 12, 16, generator=g)
+    rde = RDE(16, 5, 7, num_blocks=1, classifier=torch.nn.Linear(16, 5))
+    feats, labels = torch.randn(9, 16, generator=g), torch.randint(0, 5, (9,), generator=g)
+    subj, obj = torch.randint(0, 7, (9,), generator=g), torch.randint(0, 7, (9,), generator=g)
+    shuffle = torch.randperm(9, generator=g)
+    masks_mod = GaussianPairMasks(3, kernel_size=5, per="object")
+    K = boxes.shape[0]
+    masks, scores = torch.rand(K, 3, 6, 6, generator=g), torch.randn(K, 4, generator=g)
+    return {
+        "LinkNetHead": linknet,
+        "SILBlock": sil,
+        "SILNetwork": lambda: net(fmap, boxes, box_batch, 0.25),
+        "RDE": lambda: rde(feats, labels, subj, obj, shuffle),
+        "GaussianPairMasks (union frame)": lambda: masks_mod(masks, scores, pairs, boxes=boxes, out_size=9),
+    }
+
+
+@pytest.mark.parametrize("module", list(_module_forwards()))
+def test_module_checks_its_inputs_once_per_forward(module):
+    """With checks on, a module's forward (and backward, where there is one) syncs the host once:
+    its own fused value check of every packed input, the ops inside skip theirs."""
+    call = _module_forwards()[module]
+    call()
+    with count_syncs() as seen:
+        call()
+    assert len(seen) == 1, f"{module} synchronises the host {len(seen)} times per forward with checks on: {seen}"
+
+
 def _zero(leaves):
     for t in leaves:
         if t.grad is not None:

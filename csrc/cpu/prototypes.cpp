@@ -4,23 +4,30 @@
 //   _prototype_distance_backward  their gradients w.r.t. x and protos
 // Math and every backward formula: sgg_kernels/reference/prototypes.py (the spec, module docstring).
 //
-// Work:
-//   forward    at::parallel_for over blocks of kRows rows of x; each block runs over the Q
-//              prototypes once, computing <x_n, p_q> and ||x_n - p_q||^2 together from direct
-//              differences (one pass over D, 8 lanes per row, kRows rows sharing each load of
-//              p_q). Nothing of size [N, Q, D] exists.
-//   backward   pass 1, parallel over the same row blocks: cos and s = ||x - p||^2 recomputed as in
-//              the forward; K[n, q] = G / (a_n b_q) - W ([N, Q], the size of the outputs), r_n,
-//              and the per-(n, q) terms of c_q (summed over n in ascending order).
-//              pass 2: grad x = K @ P + r x and grad P = K^T @ x + c P as ATen GEMMs (BLAS), in
-//              fixed column chunks, one single-threaded GEMM per chunk.
+// Formulation (GEMM): dot = x @ P^T by ATen GEMMs (BLAS) in acc_t, nx2[n] = |x_n|^2, np2[q] =
+// |p_q|^2, s = nx2 + np2 - 2 dot. Where that cancels, s < kRecomputeTau (nx2 + np2) (and where
+// nx2 + np2 = 0, or s is not finite), s is recomputed for the pair by direct differences
+// sum_d (x_nd - p_qd)^2, so x_n = p_q exactly always gives s = 0: dist = 1e-6 and W = 0.
 //
-// Determinism: no atomics; every hand-written sum runs in a fixed order that depends on the shapes
-// only, and a row's arithmetic is the same whichever block (or thread) it lands in; the backward's
-// GEMMs run one per fixed column chunk, single-threaded inside at::parallel_for, so no reduction is
-// split by thread count (the tests check 1 vs 2 threads bitwise). Numerics: half/bfloat16 accumulate in float32, float64 in float64; the
-// mask [s >= eps] reads s from direct differences, so x_n = p_q gives dist = 1e-6 and zero
-// gradient through dist.
+// Work:
+//   forward    at::parallel_for over fixed chunks of kRowChunk rows of x; per chunk one
+//              single-threaded GEMM dot[chunk, Q] = x_chunk @ P^T (written straight into cos for
+//              float32/float64), then the epilogue: nx2, s (+ the recomputes), cos, dist written in
+//              scalar_t. Half/bfloat16: the chunk of x (and protos, once) converted to float32 first.
+//              Nothing of size [N, Q, D] exists.
+//   backward   pass 1, over the same row chunks: dot by GEMM and s as in the forward (same
+//              recomputes); K[n, q] = G / (a_n b_q) - W ([N, Q], the size of the outputs), r_n,
+//              and the per-(n, q) terms of c_q (summed over n in ascending order).
+//              pass 2: grad x = K @ P + r x and grad P = K^T @ x + c P as ATen GEMMs, in fixed
+//              column chunks, one single-threaded GEMM per chunk.
+//   floor      forward reads x once (N D) and protos once (Q D), writes 2 N Q; its GEMM is
+//              2 N Q D FLOPs. backward: 3 GEMMs (dot, K @ P, K^T @ x) = 6 N Q D FLOPs.
+//
+// Determinism: no atomics; chunks depend on the shapes only, every hand-written sum runs in a
+// fixed order, and every GEMM runs single-threaded inside an at::parallel_for task (at least two
+// tasks are launched, so BLAS always runs in a parallel region even for one chunk) and never has
+// a reduction split by thread count (the tests check 1 vs 2 threads bitwise). Numerics: half/
+// bfloat16 accumulate in float32, float64 in float64.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -44,10 +51,15 @@ using cluster_cpu::grain_for;
 
 namespace {
 
-constexpr double kEps = 1e-12;    // F.normalize's eps for the norms, and the floor of ||x - p||^2
-constexpr int kRows = 4;          // rows of x per block: they share each load of a prototype
-constexpr int kLanes = 8;         // independent partial sums per row (vectorisable, no -ffast-math)
-constexpr int64_t kChunkD = 128;  // columns per task of the backward's GEMMs
+constexpr double kEps = 1e-12;  // F.normalize's eps for the norms, and the floor of ||x - p||^2
+// Recompute threshold: the relative error of the GEMM's dot in float32, ~u sqrt(D), is amplified
+// by (nx2 + np2) / s in s = nx2 + np2 - 2 dot; below 1/64 the pair is recomputed by direct
+// differences, so dist's relative error stays below ~64 u sqrt(D) / 2. The Triton backend uses
+// the same constant (sgg_kernels/triton/prototypes.py, _TAU).
+constexpr double kRecomputeTau = 1.0 / 64;
+constexpr int kLanes = 8;             // independent partial sums (vectorisable, no -ffast-math)
+constexpr int64_t kRowChunk = 64;     // rows of x per task (one GEMM each); a constant: determinism
+constexpr int64_t kChunkD = 128;      // columns per task of the backward's pass-2 GEMMs
 
 void check_inputs(const char* op, const at::Tensor& x, const at::Tensor& protos) {
   TORCH_CHECK(x.device().is_cpu() && protos.device().is_cpu(), op, ": x and protos must be CPU tensors, got ",
@@ -61,108 +73,72 @@ void check_inputs(const char* op, const at::Tensor& x, const at::Tensor& protos)
               protos.scalar_type(), "; pass one dtype");
 }
 
-// For R rows x[0..R) and one prototype p (all acc_t, D contiguous values each):
-//   dot[r] = <x_r, p>,  sq[r] = ||x_r - p||^2 = sum_d (x_rd - p_d)^2
-// in kLanes interleaved partial sums per row, combined in a fixed order. Row r's arithmetic does
-// not depend on R or on the other rows (determinism across blockings).
-template <typename acc_t, int R>
-inline void dot_and_sq(const acc_t* const* x, const acc_t* p, int64_t D, acc_t* dot, acc_t* sq) {
-  acc_t ld[R][kLanes] = {}, ls[R][kLanes] = {};
+// Runs task(t) for t in [0, tasks) under at::parallel_for, at least two iterations launched (the
+// extra ones empty): with more than one thread every task then runs inside a parallel region, where
+// ATen's BLAS is single-threaded, so a GEMM's bits never depend on the thread count.
+template <typename Task>
+void run_tasks(int64_t tasks, const Task& task) {
+  at::parallel_for(0, std::max<int64_t>(tasks, 2), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < std::min(end, tasks); ++t) {
+      task(t);
+    }
+  });
+}
+
+// The direct sum s = ||x - p||^2 = sum_d (x_d - p_d)^2 (acc_t, D contiguous values each), in
+// kLanes interleaved partial sums combined in a fixed order.
+template <typename acc_t>
+inline acc_t direct_sq(const acc_t* x, const acc_t* p, int64_t D) {
+  acc_t ls[kLanes] = {};
   int64_t d = 0;
   for (; d + kLanes <= D; d += kLanes) {
-    for (int r = 0; r < R; ++r) {
-      for (int l = 0; l < kLanes; ++l) {
-        const acc_t xv = x[r][d + l], pv = p[d + l];
-        ld[r][l] += xv * pv;
-        const acc_t diff = xv - pv;
-        ls[r][l] += diff * diff;
-      }
+    for (int l = 0; l < kLanes; ++l) {
+      const acc_t diff = x[d + l] - p[d + l];
+      ls[l] += diff * diff;
     }
   }
-  for (int r = 0; r < R; ++r) {
-    acc_t td = 0, ts = 0;
-    for (int64_t e = d; e < D; ++e) {
-      const acc_t xv = x[r][e], pv = p[e];
-      td += xv * pv;
-      const acc_t diff = xv - pv;
-      ts += diff * diff;
-    }
-    const acc_t* a = ld[r];
-    const acc_t* s = ls[r];
-    dot[r] = ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7])) + td;
-    sq[r] = ((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7])) + ts;
+  acc_t ts = 0;
+  for (; d < D; ++d) {
+    const acc_t diff = x[d] - p[d];
+    ts += diff * diff;
   }
+  return ((ls[0] + ls[4]) + (ls[1] + ls[5])) + ((ls[2] + ls[6]) + (ls[3] + ls[7])) + ts;
 }
 
-// dot and sq of the block's `rows` rows (1..kRows) against prototype p.
+// s = ||x_n - p_q||^2 from the GEMM's dot and the squared norms, recomputed by direct differences
+// where it cancels (s < kRecomputeTau (nx2 + np2)), where nx2 + np2 = 0 and where it is not finite
+// (overflow, inf or NaN inputs: the direct sum then gives the reference's value).
 template <typename acc_t>
-inline void block_dot_and_sq(const acc_t* const* x, int rows, const acc_t* p, int64_t D, acc_t* dot, acc_t* sq) {
-  if (rows == kRows) {
-    dot_and_sq<acc_t, kRows>(x, p, D, dot, sq);
-    return;
+inline acc_t pair_sq(acc_t nx2, acc_t np2, acc_t dot, const acc_t* x, const acc_t* p, int64_t D) {
+  const acc_t sum = nx2 + np2;
+  const acc_t s = sum - acc_t(2) * dot;
+  if (s >= static_cast<acc_t>(kRecomputeTau) * sum && sum > acc_t(0) && !std::isinf(s)) {
+    return s;  // s >= tau sum > 0: no clamp at 0 needed
   }
-  for (int r = 0; r < rows; ++r) {
-    dot_and_sq<acc_t, 1>(x + r, p, D, dot + r, sq + r);
-  }
+  return direct_sq(x, p, D);
 }
 
-// |v| = sqrt(<v, v>) with the same lane structure as the distances.
+// |v|^2 in acc_t (lane sums of cluster_common.h).
 template <typename acc_t>
-inline acc_t row_norm(const acc_t* v, int64_t D) {
-  acc_t dot, sq;
-  const acc_t* rows[1] = {v};
-  dot_and_sq<acc_t, 1>(rows, v, D, &dot, &sq);
-  return std::sqrt(dot);
+inline acc_t sq_norm(const acc_t* v, int64_t D) {
+  return cluster_cpu::dot<acc_t>(v, v, D);
 }
 
-// The rows of x as acc_t pointers, block by block: float32/float64 point into x itself; half and
-// bfloat16 rows are converted into a per-thread buffer.
-template <typename scalar_t>
-struct RowBlock {
-  using acc_t = acc_type<scalar_t>;
-  static constexpr bool kConvert = !std::is_same_v<scalar_t, acc_t>;
-  const scalar_t* x;
-  int64_t N, D;
-  std::vector<acc_t> buf;
-  const acc_t* ptr[kRows];
-  int rows = 0;
-
-  RowBlock(const scalar_t* x_, int64_t N_, int64_t D_) : x(x_), N(N_), D(D_), buf(kConvert ? kRows * D_ : 0) {}
-
-  // Load block `blk` (rows [blk * kRows, ...)); returns the first row index.
-  int64_t load(int64_t blk) {
-    const int64_t n0 = blk * kRows;
-    rows = static_cast<int>(std::min<int64_t>(kRows, N - n0));
-    for (int r = 0; r < rows; ++r) {
-      const scalar_t* src = x + (n0 + r) * D;
-      if constexpr (kConvert) {
-        acc_t* dst = buf.data() + r * D;
-        for (int64_t d = 0; d < D; ++d) {
-          dst[d] = static_cast<acc_t>(src[d]);
-        }
-        ptr[r] = dst;
-      } else {
-        ptr[r] = src;
-      }
-    }
-    return n0;
-  }
-};
-
-// protos as a contiguous acc_t [Q, D] tensor (no copy for float32/float64) and their raw norms |p_q|.
+// protos as a contiguous, detached acc_t [Q, D] tensor (no copy for float32/float64) and their
+// squared norms |p_q|^2.
 template <typename scalar_t>
 std::tuple<at::Tensor, std::vector<acc_type<scalar_t>>> protos_acc(const at::Tensor& protos) {
   using acc_t = acc_type<scalar_t>;
-  const at::Tensor p = protos.to(acc_dtype<scalar_t>()).contiguous();
+  const at::Tensor p = protos.detach().to(acc_dtype<scalar_t>()).contiguous();
   const int64_t Q = p.size(0), D = p.size(1);
   const acc_t* pp = p.const_data_ptr<acc_t>();
-  std::vector<acc_t> norm(Q);
+  std::vector<acc_t> np2(Q);
   at::parallel_for(0, Q, grain_for(D), [&](int64_t begin, int64_t end) {
     for (int64_t q = begin; q < end; ++q) {
-      norm[q] = row_norm(pp + q * D, D);
+      np2[q] = sq_norm(pp + q * D, D);
     }
   });
-  return {p, norm};
+  return {p, np2};
 }
 
 }  // namespace
@@ -176,34 +152,50 @@ std::tuple<at::Tensor, at::Tensor> prototype_distance(const at::Tensor& x_in, co
   if (N == 0 || Q == 0) {
     return {cos, dist};
   }
-  const at::Tensor x = x_in.contiguous();
+  // (detached: ATen's out= GEMMs refuse inputs that require grad, as the op's inputs may)
+  const at::Tensor x = x_in.detach().contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "prototype_distance", [&] {
     using acc_t = acc_type<scalar_t>;
+    constexpr bool kSame = std::is_same_v<scalar_t, acc_t>;
     const acc_t eps = static_cast<acc_t>(kEps);
+    const at::TensorOptions acc_options = x.options().dtype(acc_dtype<scalar_t>());
     at::Tensor p_t;  // (no structured binding: a C++17 lambda cannot capture one)
-    std::vector<acc_t> p_norm;
-    std::tie(p_t, p_norm) = protos_acc<scalar_t>(protos_in);
+    std::vector<acc_t> np2;
+    std::tie(p_t, np2) = protos_acc<scalar_t>(protos_in);
+    const at::Tensor pT = p_t.t();
     const acc_t* p = p_t.const_data_ptr<acc_t>();
-    const scalar_t* xs = x.const_data_ptr<scalar_t>();
+    std::vector<acc_t> b(Q);
+    for (int64_t q = 0; q < Q; ++q) {
+      b[q] = std::max(std::sqrt(np2[q]), eps);  // b_q = max(|p_q|, eps)
+    }
     scalar_t* cos_out = cos.mutable_data_ptr<scalar_t>();
     scalar_t* dist_out = dist.mutable_data_ptr<scalar_t>();
-    const int64_t blocks = (N + kRows - 1) / kRows;
-    at::parallel_for(0, blocks, grain_for(kRows * Q * D), [&](int64_t begin, int64_t end) {
-      RowBlock<scalar_t> block(xs, N, D);
-      acc_t dot[kRows], sq[kRows], a[kRows];
-      for (int64_t blk = begin; blk < end; ++blk) {
-        const int64_t n0 = block.load(blk);
-        for (int r = 0; r < block.rows; ++r) {
-          a[r] = std::max(row_norm(block.ptr[r], D), eps);  // a_n = max(|x_n|, eps)
-        }
+    const int64_t chunks = (N + kRowChunk - 1) / kRowChunk;
+    run_tasks(chunks, [&](int64_t chunk) {
+      const int64_t n0 = chunk * kRowChunk, rows = std::min(kRowChunk, N - n0);
+      // float32/float64: the GEMM reads x in place and writes dot into cos (overwritten below);
+      // half/bfloat16: the chunk of x converted to float32, dot in a float32 buffer.
+      at::Tensor xa, dot_t;
+      if constexpr (kSame) {
+        xa = x.narrow(0, n0, rows);
+        dot_t = cos.narrow(0, n0, rows);
+      } else {
+        xa = x.narrow(0, n0, rows).to(acc_dtype<scalar_t>());
+        dot_t = at::empty({rows, Q}, acc_options);
+      }
+      at::mm_out(dot_t, xa, pT);  // dot = x_chunk @ P^T
+      const acc_t* xrows = xa.const_data_ptr<acc_t>();
+      const acc_t* dot = dot_t.const_data_ptr<acc_t>();
+      for (int64_t r = 0; r < rows; ++r) {
+        const acc_t* xr = xrows + r * D;
+        const acc_t nx2 = sq_norm(xr, D);
+        const acc_t a = std::max(std::sqrt(nx2), eps);  // a_n = max(|x_n|, eps)
         for (int64_t q = 0; q < Q; ++q) {
-          block_dot_and_sq(block.ptr, block.rows, p + q * D, D, dot, sq);
-          const acc_t b = std::max(p_norm[q], eps);  // b_q = max(|p_q|, eps)
-          for (int r = 0; r < block.rows; ++r) {
-            const int64_t o = (n0 + r) * Q + q;
-            cos_out[o] = static_cast<scalar_t>(dot[r] / (a[r] * b));            // Eq. 4: L2(x) . L2(P)
-            dist_out[o] = static_cast<scalar_t>(std::sqrt(std::max(sq[r], eps)));  // Eq. 4: ||x - P||_2
-          }
+          const int64_t o = (n0 + r) * Q + q;
+          const acc_t d = dot[r * Q + q];  // (read before cos_out[o], which it may alias, is written)
+          const acc_t s = pair_sq(nx2, np2[q], d, xr, p + q * D, D);
+          cos_out[o] = static_cast<scalar_t>(d / (a * b[q]));                // Eq. 4: L2(x) . L2(P)
+          dist_out[o] = static_cast<scalar_t>(std::sqrt(std::max(s, eps)));  // Eq. 4: ||x - P||_2
         }
       }
     });
@@ -237,20 +229,28 @@ std::tuple<at::Tensor, at::Tensor> prototype_distance_backward(const at::Tensor&
   if (!need_x && !need_protos) {
     return {grad_x, grad_p};
   }
-  const at::Tensor x = x_in.contiguous();
+  // (detached: ATen's out= GEMMs refuse inputs that require grad, as the op's inputs may)
+  const at::Tensor x = x_in.detach().contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "prototype_distance_backward", [&] {
     using acc_t = acc_type<scalar_t>;
+    constexpr bool kSame = std::is_same_v<scalar_t, acc_t>;
     const acc_t eps = static_cast<acc_t>(kEps);
     const at::TensorOptions acc_options = x.options().dtype(acc_dtype<scalar_t>());
     at::Tensor p_t;  // (no structured binding: a C++17 lambda cannot capture one)
-    std::vector<acc_t> p_norm;
-    std::tie(p_t, p_norm) = protos_acc<scalar_t>(protos_in);
+    std::vector<acc_t> np2;
+    std::tie(p_t, np2) = protos_acc<scalar_t>(protos_in);
+    const at::Tensor pT = p_t.t();
     const acc_t* p = p_t.const_data_ptr<acc_t>();
-    const at::Tensor G_t = cluster_cpu::contiguous_as(grad_cos_in, acc_dtype<scalar_t>());
-    const at::Tensor H_t = cluster_cpu::contiguous_as(grad_dist_in, acc_dtype<scalar_t>());
+    std::vector<acc_t> p_norm(Q);
+    for (int64_t q = 0; q < Q; ++q) {
+      p_norm[q] = std::sqrt(np2[q]);
+    }
+    const at::Tensor G_t = cluster_cpu::contiguous_as(grad_cos_in.detach(), acc_dtype<scalar_t>());
+    const at::Tensor H_t = cluster_cpu::contiguous_as(grad_dist_in.detach(), acc_dtype<scalar_t>());
     const acc_t* G = G_t.const_data_ptr<acc_t>();
     const acc_t* H = H_t.const_data_ptr<acc_t>();
-    const scalar_t* xs = x.const_data_ptr<scalar_t>();
+    const at::Tensor x_acc = x.to(acc_dtype<scalar_t>());  // (no copy for float32/float64)
+    const acc_t* xa = x_acc.const_data_ptr<acc_t>();
     // K [N, Q] (both gradients are GEMMs of it), r [N] and the per-(n, q) terms of c_q.
     at::Tensor K_t = at::empty({N, Q}, acc_options);
     at::Tensor r_t = at::empty({N, 1}, acc_options);
@@ -259,48 +259,44 @@ std::tuple<at::Tensor, at::Tensor> prototype_distance_backward(const at::Tensor&
     acc_t* rvec = r_t.mutable_data_ptr<acc_t>();
     acc_t* Cmat = need_protos ? C_t.mutable_data_ptr<acc_t>() : nullptr;
 
-    // Pass 1: per row block, cos and s recomputed by direct differences, then K, r and C.
-    const int64_t blocks = (N + kRows - 1) / kRows;
-    at::parallel_for(0, blocks, grain_for(kRows * Q * D), [&](int64_t begin, int64_t end) {
-      RowBlock<scalar_t> block(xs, N, D);
-      acc_t dot[kRows], sq[kRows], a[kRows], x_norm[kRows], w_sum[kRows], gcos_sum[kRows];
-      for (int64_t blk = begin; blk < end; ++blk) {
-        const int64_t n0 = block.load(blk);
-        for (int r = 0; r < block.rows; ++r) {
-          x_norm[r] = row_norm(block.ptr[r], D);
-          a[r] = std::max(x_norm[r], eps);
-          w_sum[r] = gcos_sum[r] = acc_t(0);
-        }
+    // Pass 1, per row chunk: dot = x_chunk @ P^T by GEMM (written into K, overwritten below), s
+    // with the forward's recomputes, then K, r and C.
+    const int64_t row_chunks = (N + kRowChunk - 1) / kRowChunk;
+    run_tasks(row_chunks, [&](int64_t chunk) {
+      const int64_t n0 = chunk * kRowChunk, rows = std::min(kRowChunk, N - n0);
+      at::Tensor dot_t = K_t.narrow(0, n0, rows);
+      at::mm_out(dot_t, x_acc.narrow(0, n0, rows), pT);
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t n = n0 + r;
+        const acc_t* xr = xa + n * D;
+        const acc_t nx2 = sq_norm(xr, D);
+        const acc_t x_norm = std::sqrt(nx2);
+        const acc_t a = std::max(x_norm, eps);
+        acc_t w_sum = 0, gcos_sum = 0;
         for (int64_t q = 0; q < Q; ++q) {
-          block_dot_and_sq(block.ptr, block.rows, p + q * D, D, dot, sq);
+          const int64_t o = n * Q + q;
+          const acc_t d = Kmat[o];  // dot, before K overwrites it
+          const acc_t s = pair_sq(nx2, np2[q], d, xr, p + q * D, D);
           const acc_t b = std::max(p_norm[q], eps);
-          const bool p_mask = p_norm[q] >= eps;
-          for (int r = 0; r < block.rows; ++r) {
-            const int64_t o = (n0 + r) * Q + q;
-            const acc_t ab = a[r] * b;
-            const acc_t cos = dot[r] / ab;
-            const acc_t dist = std::sqrt(std::max(sq[r], eps));
-            const acc_t w = sq[r] >= eps ? H[o] / dist : acc_t(0);  // W = H [s >= eps] / dist
-            const acc_t gcos = G[o] * cos;
-            Kmat[o] = G[o] / ab - w;  // K = G / (a b) - W
-            w_sum[r] += w;
-            gcos_sum[r] += gcos;
-            if (Cmat != nullptr) {
-              Cmat[o] = p_mask ? w - gcos / (b * b) : w;  // the (n, q) term of c_q
-            }
+          const acc_t ab = a * b;
+          const acc_t cos = d / ab;
+          const acc_t dist = std::sqrt(std::max(s, eps));
+          const acc_t w = s >= eps ? H[o] / dist : acc_t(0);  // W = H [s >= eps] / dist
+          const acc_t gcos = G[o] * cos;
+          Kmat[o] = G[o] / ab - w;  // K = G / (a b) - W
+          w_sum += w;
+          gcos_sum += gcos;
+          if (Cmat != nullptr) {
+            Cmat[o] = p_norm[q] >= eps ? w - gcos / (b * b) : w;  // the (n, q) term of c_q
           }
         }
-        for (int r = 0; r < block.rows; ++r) {  // r_n = sum_q W - [|x_n| >= eps] sum_q G cos / a_n^2
-          rvec[n0 + r] = x_norm[r] >= eps ? w_sum[r] - gcos_sum[r] / (a[r] * a[r]) : w_sum[r];
-        }
+        // r_n = sum_q W - [|x_n| >= eps] sum_q G cos / a_n^2
+        rvec[n] = x_norm >= eps ? w_sum - gcos_sum / (a * a) : w_sum;
       }
     });
     // Pass 2: both gradients as ATen GEMMs over the [N, Q] matrix K, in fixed chunks of kChunkD
-    // columns run by at::parallel_for: BLAS then runs single-threaded inside each task and never
-    // splits a reduction (over Q for grad x, over N for grad P), so the bits do not depend on the
-    // thread count.
-    // (detached: ATen's out= GEMMs refuse inputs that require grad, as the op's inputs may)
-    const at::Tensor x_acc = x.detach().to(acc_dtype<scalar_t>());
+    // columns (one single-threaded GEMM per chunk and task: no reduction, over Q for grad x or
+    // over N for grad P, is split by thread count).
     at::Tensor c_t;
     if (need_protos) {  // c_q = sum_n C[n, q], in ascending n
       c_t = at::zeros({Q, 1}, acc_options);
@@ -312,25 +308,21 @@ std::tuple<at::Tensor, at::Tensor> prototype_distance_backward(const at::Tensor&
       }
     }
     // float32 / float64: the GEMMs write the gradients in place; half / bfloat16: acc_t buffers
-    constexpr bool kSame = std::is_same_v<scalar_t, acc_t>;
     at::Tensor gx = !need_x ? at::Tensor() : (kSame ? grad_x : at::empty({N, D}, acc_options));
     at::Tensor gp = !need_protos ? at::Tensor() : (kSame ? grad_p : at::empty({Q, D}, acc_options));
     const at::Tensor Kt = K_t.t();
-    const at::Tensor P_acc = p_t.detach();
-    const int64_t chunks = (D + kChunkD - 1) / kChunkD;
-    at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t chunk = begin; chunk < end; ++chunk) {
-        const int64_t d0 = chunk * kChunkD, len = std::min(kChunkD, D - d0);
-        if (need_x) {  // grad x = K @ P + r x
-          at::Tensor o = gx.narrow(1, d0, len);
-          at::mm_out(o, K_t, P_acc.narrow(1, d0, len));
-          o.addcmul_(r_t, x_acc.narrow(1, d0, len));
-        }
-        if (need_protos) {  // grad P = K^T @ x + c P
-          at::Tensor o = gp.narrow(1, d0, len);
-          at::mm_out(o, Kt, x_acc.narrow(1, d0, len));
-          o.addcmul_(c_t, P_acc.narrow(1, d0, len));
-        }
+    const int64_t col_chunks = (D + kChunkD - 1) / kChunkD;
+    run_tasks(col_chunks, [&](int64_t chunk) {
+      const int64_t d0 = chunk * kChunkD, len = std::min(kChunkD, D - d0);
+      if (need_x) {  // grad x = K @ P + r x
+        at::Tensor o = gx.narrow(1, d0, len);
+        at::mm_out(o, K_t, p_t.narrow(1, d0, len));
+        o.addcmul_(r_t, x_acc.narrow(1, d0, len));
+      }
+      if (need_protos) {  // grad P = K^T @ x + c P
+        at::Tensor o = gp.narrow(1, d0, len);
+        at::mm_out(o, Kt, x_acc.narrow(1, d0, len));
+        o.addcmul_(c_t, p_t.narrow(1, d0, len));
       }
     });
     if constexpr (!kSame) {

@@ -1,6 +1,7 @@
 """``sgg-bench`` / ``python -m sgg_kernels.bench``: time every op against the eager and compiled reference.
 
-For each (op, size, pass in {fwd, fwd+bwd}, impl in {fused, eager, compile}) it measures the median
+For each (op, size, pass in {fwd, fwd+bwd}, impl in {fused, eager, compile}; on CUDA also
+fused-nochecks, the fused ops with ``sk.set_checks(False)``: no host sync) it measures the median
 time and the peak memory beyond the inputs, states the case's floor (bytes that must move, FLOPs;
 ``sgg_kernels/bench/floors.py``), and on CUDA the % of that floor reached, from a copy bandwidth and
 GEMM rates measured in the same run; prints a table (speedup = eager median / median) and
@@ -56,7 +57,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--ops", default=None, help="comma-separated op names (default: all; --list shows them)")
     p.add_argument("--size", default=None,
                    help="comma-separated size names, or 'all' (default: mid on cpu, paper on cuda)")
-    p.add_argument("--impls", default=",".join(runner.IMPLS), help="comma-separated, from fused,eager,compile (default: all)")
+    p.add_argument("--impls", default=None,
+                   help=f"comma-separated, from {','.join(runner.IMPLS)} (default: all; fused-nochecks on CUDA only)")
     p.add_argument("--passes", default=",".join(runner.PASSES), help="comma-separated, from fwd,fwd+bwd (default: both)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile impl (the slow part on a CPU)")
     p.add_argument("--backend", default=None, choices=("reference", "cpu", "triton", "cuda"),
@@ -144,7 +146,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     bad = [s for s in sizes if s not in known_sizes]
     if bad:
         p.error(f"unknown size(s) {', '.join(bad)}; known: {', '.join(known_sizes)}")
-    impls = _split(args.impls)
+    default_impls = [i for i in runner.IMPLS if device_type == "cuda" or i != "fused-nochecks"]
+    impls = _split(args.impls) if args.impls else default_impls
     if args.no_compile:
         impls = [i for i in impls if i != "compile"]
     passes = _split(args.passes)

@@ -3,7 +3,7 @@
 JSON layout (one file per device, ``benchmarks/results/<device>.json`` by default)::
 
     {"device": str, "torch": str, "triton": str, "command": str, "date": ISO 8601,
-     "results": [{"op", "size", "pass": "fwd" | "fwd+bwd", "impl": "fused" | "eager" | "compile",
+     "results": [{"op", "size", "pass": "fwd" | "fwd+bwd", "impl": "fused" | "fused-nochecks" | "eager" | "compile",
                   "median_ms", "peak_mem_mb", "speedup", "backend", "dtype", "first_call_s",
                   "error", "floor_bytes", "floor_flops", "floor_ms", "pct_of_floor"}],
      "floors": {op: {size: {"bytes_fwd", "flops_fwd", "bytes_bwd", "flops_bwd"}}},

@@ -2,7 +2,11 @@
 
 Impls:
 - ``fused``:   the public op (``sk.<op>``) with the default backend for the device (or the one
-  ``--backend`` forces);
+  ``--backend`` forces), value checks on (the default: at most one small reduction and one host
+  sync per op call);
+- ``fused-nochecks``: the same under ``sk.set_checks(False)`` for the whole step (no host sync:
+  what a CUDA-graph-captured training step runs). In the default impls on CUDA only (on a CPU a
+  sync waits for nothing);
 - ``eager``:   the reference, run as ordinary autograd code;
 - ``compile``: ``torch.compile(reference, dynamic=False)`` (default mode), compiled during the
   warm-up, outside the timed region.
@@ -31,7 +35,8 @@ import torch
 from . import timing
 from .registry import Case, Inputs, cotangents, differentiable
 
-IMPLS = ("fused", "eager", "compile")
+IMPLS = ("fused", "fused-nochecks", "eager", "compile")
+FUSED = ("fused", "fused-nochecks")  # the impls that run the package's kernels
 PASSES = ("fwd", "fwd+bwd")
 
 
@@ -101,6 +106,8 @@ def impl_callable(case: Case, impl: str, backend: Optional[str] = None) -> Calla
     wraps a whole step, backward included (what :func:`run` does)."""
     if impl == "fused":
         return case.fused if backend is None else on_backend(case.fused, backend)
+    if impl == "fused-nochecks":
+        return without_checks(case.fused if backend is None else on_backend(case.fused, backend))
     if impl == "eager":
         return case.reference
     if impl == "compile":
@@ -119,6 +126,22 @@ def on_backend(fn: Callable, backend: str) -> Callable:
         with sk.use_backend(backend):
             return fn(*args, **kwargs)
     return forced
+
+
+def without_checks(fn: Callable) -> Callable:
+    """``fn`` run with ``sk.set_checks(False)``, the previous setting restored after. Around a step
+    this covers the backward too (the switch is process-wide)."""
+    import sgg_kernels as sk
+    from .._backend import checks_enabled
+
+    def unchecked(*args, **kwargs):
+        was = checks_enabled()
+        sk.set_checks(False)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            sk.set_checks(was)
+    return unchecked
 
 
 def summarize(exc: BaseException, limit: int = 200) -> str:
@@ -189,7 +212,7 @@ def run(
             floor = None
 
             def row(impl, pass_, **kw):
-                be = (case.backend(device.type) if backend is None else backend) if impl == "fused" else "reference"
+                be = (case.backend(device.type) if backend is None else backend) if impl in FUSED else "reference"
                 if floor is not None:
                     kw.update(floor=floor, floor_bytes=floor.bytes(pass_), floor_flops=floor.flops(pass_))
                 return Result(op=case.name, size=size, pass_=pass_, impl=impl, backend=be, dtype=dname, **kw)
@@ -226,8 +249,10 @@ def run(
                         continue
                     try:
                         step = make_step(fn, inputs, case.grad_inputs, pass_, seed)
-                        if impl == "fused" and backend is not None:
+                        if impl in FUSED and backend is not None:
                             step = on_backend(step, backend)  # the backward ops too
+                        if impl == "fused-nochecks":
+                            step = without_checks(step)  # the backward ops too
                         results.append(row(impl, pass_, **measure(step, device, min_time)))
                     except Exception as exc:
                         msg = summarize(exc)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import _checks
-from .._backend import checks_enabled
+from .._backend import suspended_value_checks, value_checks_on
 from ..ops.pairs import _check_pair_values, pair_geometry, pairwise_edge_fusion
 
 __all__ = [
@@ -46,11 +46,13 @@ def _check_box_batch(box_batch: Tensor, K: int, what: str) -> None:
 # Index-value checks of the head as a registered op: they read device data (one reduction and a
 # sync), so inside a traced graph they must run as an opaque op, not as Python on tensor values.
 # The op returns a copy of box_batch that the head then uses, so no compiler can drop it as dead
-# code; with ``sgg_kernels.set_checks(False)`` it is just that copy (K int64 values).
+# code; with ``sgg_kernels.set_checks(False)`` it is just that copy (K int64 values). It covers every
+# value check of the ops the head calls (pairwise_edge_fusion, pair_geometry: pairs in [0, K)), so
+# in eager mode the head calls them with their own checks suspended: one sync per forward.
 # ---------------------------------------------------------------------------------------------
 @torch.library.custom_op("sgg_kernels::linknet_checked_batch", mutates_args=())
 def _checked_batch(box_batch: Tensor, pairs: Tensor, B: int) -> Tensor:
-    if checks_enabled():  # box_batch in [0, B), pairs in [0, K), same image: one reduction, one sync
+    if value_checks_on():  # box_batch in [0, B), pairs in [0, K), same image: one reduction, one sync
         _check_pair_values(pairs, box_batch.shape[0], box_batch, B, "B, the rows of context")
     return box_batch.clone()
 
@@ -372,11 +374,21 @@ class LinkNetHead(nn.Module):
             is not the head's parameter dtype (outside autocast), or for a pair joining two images;
             IndexError (as every op of the package) for pair indices outside [0, K) or box_batch
             values outside [0, B). Value checks follow :func:`sgg_kernels.set_checks`
-            and also run under ``torch.compile`` (they are an op of their own).
+            and also run under ``torch.compile`` (they are an op of their own). They cost one fused
+            reduction and one host sync per forward, before anything else runs: the ops inside
+            then skip theirs (in eager mode; a compiled graph's ops check themselves again).
         """
         self._check(roi_feats, obj_logits, context, boxes, box_batch, pairs, union_feats)
+        proved = _checks.module_value_checks()  # eager, checks on: the op below checks everything once
         box_batch = _checked_batch(box_batch, pairs, context.shape[0])
+        if not proved:
+            return self._forward(roi_feats, obj_logits, context, boxes, box_batch, pairs, union_feats)
+        with suspended_value_checks():
+            return self._forward(roi_feats, obj_logits, context, boxes, box_batch, pairs, union_feats)
 
+    def _forward(self, roi_feats: Tensor, obj_logits: Tensor, context: Tensor, boxes: Tensor, box_batch: Tensor,
+                 pairs: Tensor, union_feats: Tensor) -> Tuple[Tensor, Tensor]:
+        """:meth:`forward` on arguments already checked (their values included, while checks are on)."""
         # Sec. 3.3.1: O0 = (f_RoI, K0 l, c)
         label_embed = self.K0(torch.softmax(obj_logits, dim=-1))
         # c of each box's image. With set_checks(False), a box_batch value outside [0, B) gets a

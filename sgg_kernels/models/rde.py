@@ -71,7 +71,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import _checks
-from .._backend import checks_enabled
 from ..ops.prototypes import prototype_distance
 
 __all__ = [
@@ -91,8 +90,8 @@ def _mean(x: Tensor) -> Tensor:
 
 def _value_checks() -> bool:
     """Value checks read device data (a sync): only while ``sgg_kernels.set_checks(True)`` (the
-    package's switch) and outside torch.compile tracing."""
-    return checks_enabled() and not torch.compiler.is_compiling()
+    package's switch), not already done by an enclosing module, and outside torch.compile tracing."""
+    return _checks.module_value_checks()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -266,7 +265,8 @@ def prototype_separation_loss(prototypes: Tensor, margin: float = 1.0, literal: 
     cos, dist = prototype_distance(prototypes, prototypes)
     D = _distance(cos, dist, literal)
     off = ~torch.eye(Q, dtype=torch.bool, device=prototypes.device)
-    return _mean(F.relu(margin - D)[off])
+    # A where, not D[off]: boolean-mask indexing has a data-dependent size, so it syncs the host.
+    return torch.where(off, F.relu(margin - D), 0).sum() / max(Q * (Q - 1), 1)
 
 
 def _cross_entropy_sum(logits: Tensor, labels: Tensor, valid: Optional[Tensor] = None) -> Tensor:
@@ -345,7 +345,8 @@ class RDE(nn.Module):
     **Inputs.** ``rel_feats`` must have the parameters' dtype (a ``ValueError`` naming it and the
     dtype expected otherwise; under ``torch.autocast`` the matmuls cast). Labels are checked with
     :func:`sgg_kernels.set_checks` on (the default): an ``IndexError`` naming the argument and its
-    range [0, num_rel_classes) / [0, num_obj_classes) (``shuffle``: [0, P)). With checks off no
+    range [0, num_rel_classes) / [0, num_obj_classes) (``shuffle``: [0, P)), raised before anything
+    runs; all of them cost one fused reduction and one host sync per forward. With checks off no
     value is read back to the host (no sync) and no label is used as an index out of range: as
     everywhere in the package an invalid index contributes zeros. A ``rel_labels`` entry outside
     [0, num_rel_classes) removes that sample from ``"proto"`` and from both of its ``"pred_rde"``
@@ -391,7 +392,7 @@ class RDE(nn.Module):
         """a, the encoder blocks' attention width (``dim`` for the paper's full width)."""
         return self.fdvae.attn_dim
 
-    def _check(self, rel_feats, rel_labels, subj_labels, obj_labels) -> None:
+    def _check(self, rel_feats, rel_labels, subj_labels, obj_labels, shuffle=None) -> None:
         _checks.tensor(rel_feats, "rel_feats", "P, D")
         _checks.size(rel_feats, "rel_feats", 1, self.dim, "dim")
         _checks.module_dtype([("rel_feats", rel_feats)], "RDE", self.prototypes.dtype)
@@ -402,15 +403,21 @@ class RDE(nn.Module):
             raise ValueError(f"classifier's parameters are {str(first.dtype).replace('torch.', '')} but RDE's are "
                              f"{str(self.prototypes.dtype).replace('torch.', '')}: convert both to one dtype")
         N = rel_feats.shape[0]
-        for name, labels, upper, what in (("rel_labels", rel_labels, self.num_rel_classes, "num_rel_classes"),
-                                          ("subj_labels", subj_labels, self.num_obj_classes, "num_obj_classes"),
-                                          ("obj_labels", obj_labels, self.num_obj_classes, "num_obj_classes")):
+        ranges = [("rel_labels", rel_labels, self.num_rel_classes, "num_rel_classes"),
+                  ("subj_labels", subj_labels, self.num_obj_classes, "num_obj_classes"),
+                  ("obj_labels", obj_labels, self.num_obj_classes, "num_obj_classes")]
+        for name, labels, _, _ in ranges:
             _checks.tensor(labels, name, "P", kind="index")
             _checks.size(labels, name, 0, N, "P, the rows of rel_feats")
-            if _value_checks():
-                _checks.index_range(labels, name, upper, what)
         _checks.same_device([("rel_feats", rel_feats), ("rel_labels", rel_labels), ("subj_labels", subj_labels),
                              ("obj_labels", obj_labels)])
+        if self.classifier is not None and shuffle is not None:
+            _checks.tensor(shuffle, "shuffle", "P", kind="index")
+            _checks.size(shuffle, "shuffle", 0, N, "P, the rows of rel_feats")
+            _checks.same_device([("rel_feats", rel_feats), ("shuffle", shuffle)])
+            ranges.append(("shuffle", shuffle, N, "P, the rows of rel_feats"))
+        if _value_checks():  # every label (and shuffle) in range: one fused reduction, one sync
+            _checks.index_ranges(ranges)
 
     def forward(self, rel_feats: Tensor, rel_labels: Tensor, subj_labels: Tensor, obj_labels: Tensor,
                 shuffle: Optional[Tensor] = None) -> Dict[str, Tensor]:
@@ -426,7 +433,7 @@ class RDE(nn.Module):
         Returns:
             dict of scalar Tensors (see the class docstring); every term is 0 for P = 0.
         """
-        self._check(rel_feats, rel_labels, subj_labels, obj_labels)
+        self._check(rel_feats, rel_labels, subj_labels, obj_labels, shuffle)
         out = self.fdvae(rel_feats)
         mu, sigma = out["mu"], out["sigma"]
         target = rel_feats.detach() if self.detach_target else rel_feats
@@ -440,13 +447,7 @@ class RDE(nn.Module):
         if self.classifier is not None:
             N = rel_feats.shape[0]
             if shuffle is None:
-                shuffle = FDVAE.shuffle_index(N, rel_feats.device)
-            else:
-                _checks.tensor(shuffle, "shuffle", "P", kind="index")
-                _checks.size(shuffle, "shuffle", 0, N, "P, the rows of rel_feats")
-                _checks.same_device([("rel_feats", rel_feats), ("shuffle", shuffle)])
-                if _value_checks():
-                    _checks.index_range(shuffle, "shuffle", N, "P, the rows of rel_feats")
+                shuffle = FDVAE.shuffle_index(N, rel_feats.device)  # in [0, P) by construction
             shuffle_ok = _valid(shuffle, N)  # checks off: an invalid j masks its shuffled pair out
             # f'' = W_dec(mu_k + lambda sigma_j)
             shuffled = self.fdvae.shuffled(mu, sigma, torch.where(shuffle_ok, shuffle, 0))

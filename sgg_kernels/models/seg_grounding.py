@@ -35,7 +35,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import _checks
-from ..ops.masks import gaussian_kernels, pair_mask_conv, transfer_masks
+from .._backend import suspended_value_checks
+from ..ops.masks import _check_conv_values, _check_frame, _mask_boxes, gaussian_kernels, pair_mask_conv, transfer_masks
 
 __all__ = [
     "MaskTransfer",
@@ -368,7 +369,8 @@ class GaussianPairMasks(nn.Module):
         with torch.no_grad():
             self.variance_net.bias.copy_(torch.tensor([log_var, log_var, 0.0], dtype=torch.float64).repeat(2 if self.per == "pair" else 1))
 
-    def _check(self, masks: Tensor, label_scores: Tensor, pairs: Tensor) -> None:
+    def _check(self, masks: Tensor, label_scores: Tensor, pairs: Tensor, boxes: Optional[Tensor] = None,
+               out_size: Optional[int] = None) -> None:
         _check_square_masks(masks, "masks", "K, C, m, m")
         C = masks.shape[1]
         if C not in (1, self.num_classes):
@@ -379,7 +381,8 @@ class GaussianPairMasks(nn.Module):
         _checks.size(label_scores, "label_scores", 1, self.num_classes + 1, "num_classes + 1, background included")
         _checks.tensor(pairs, "pairs", "P, 2", kind="index")
         _checks.size(pairs, "pairs", 1, 2, "(subject, object)")
-        _checks.same_device([("masks", masks), ("label_scores", label_scores), ("pairs", pairs)])
+        _check_frame(boxes, out_size, masks.shape[0])
+        _checks.same_device([("masks", masks), ("label_scores", label_scores), ("pairs", pairs), ("boxes", boxes)])
 
     def gaussian_params(self, label_scores: Tensor, pairs: Tensor) -> Tensor:
         """The variance head: (log sigma_x^2, log sigma_y^2, raw rho) of every kernel.
@@ -420,9 +423,20 @@ class GaussianPairMasks(nn.Module):
 
         Raises:
             ValueError naming the argument for wrong shapes; IndexError for pair indices outside
-            [0, K) (a value check, see :func:`sgg_kernels.set_checks`).
+            [0, K) and ValueError for non-finite ``boxes`` (value checks, see
+            :func:`sgg_kernels.set_checks`: one fused reduction and one host sync per forward,
+            before anything runs; :func:`sgg_kernels.pair_mask_conv` then skips its own).
         """
-        self._check(masks, label_scores, pairs)
+        self._check(masks, label_scores, pairs, boxes, out_size)
+        if not _checks.module_value_checks():  # checks off (or traced: the op checks as it runs)
+            return self._forward(masks, label_scores, pairs, boxes, out_size)
+        # what pair_mask_conv would check (pairs in [0, K), boxes finite), once, before anything runs
+        _check_conv_values(pairs, masks.shape[0], _mask_boxes(boxes, masks))
+        with suspended_value_checks():
+            return self._forward(masks, label_scores, pairs, boxes, out_size)
+
+    def _forward(self, masks: Tensor, label_scores: Tensor, pairs: Tensor, boxes: Optional[Tensor],
+                 out_size: Optional[int]) -> Tensor:
         kernels = self.kernels(label_scores, pairs).to(masks.dtype)
         out = pair_mask_conv(masks, pairs, kernels, boxes, out_size)  # Eq. 6, fused
         return torch.sigmoid(out) if self.sigmoid else out
@@ -531,6 +545,8 @@ class MaskRefinement(nn.Module):
             targets (Tensor[K, m, m]): ground-truth masks in [0, 1] in each object's box frame;
                 any dtype (bool too), cast to the masks' dtype.
             labels (Tensor[K] int64 or None): each object's class in [0, C); may be None when C = 1.
+                An IndexError for a label outside [0, C) while value checks are on
+                (:func:`sgg_kernels.set_checks`); with them off such an object contributes 0.
             logits (bool): ``masks`` are logits.
 
         Returns:
@@ -548,11 +564,19 @@ class MaskRefinement(nn.Module):
         else:
             _checks.tensor(labels, "labels", "K", kind="index")
             _checks.size(labels, "labels", 0, K, "K, the rows of masks")
-            _checks.index_range(labels, "labels", C, "C, the channels of masks")
-            picked = masks[torch.arange(K, device=masks.device), labels]
+            if _checks.module_value_checks():  # one reduction and one sync; not with checks off
+                _checks.index_range(labels, "labels", C, "C, the channels of masks")
+            # With checks off no value is read back: an invalid label's object contributes 0.
+            valid = (labels >= 0) & (labels < C)
+            if C == 0:  # no channel to pick: every label is invalid
+                picked = masks.sum((1,)) * 0  # [K, m, m] zeros, attached to masks
+            else:
+                picked = masks[torch.arange(K, device=masks.device), labels.clamp(0, C - 1)]
         targets = targets.to(masks.dtype)
         if logits:
-            per_pixel = F.binary_cross_entropy_with_logits(picked, targets, reduction="sum")
+            per_pixel = F.binary_cross_entropy_with_logits(picked, targets, reduction="none")
         else:
-            per_pixel = F.binary_cross_entropy(picked, targets, reduction="sum")
-        return per_pixel / max(K * m * m, 1)
+            per_pixel = F.binary_cross_entropy(picked, targets, reduction="none")
+        if labels is not None:
+            per_pixel = torch.where(valid[:, None, None], per_pixel, 0)
+        return per_pixel.sum() / max(K * m * m, 1)

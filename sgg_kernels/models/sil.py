@@ -22,9 +22,9 @@ import torch
 from torch import Tensor, nn
 
 from .. import _checks
-from .._backend import checks_enabled
+from .._backend import suspended_value_checks, value_checks_on
 from ..ops.cluster import cluster_dispatch, gather_mean, grid_centers, grid_points, knn_index, superpixel_cluster
-from ..ops.pairs import roi_align
+from ..ops.pairs import _raise_non_finite, _roi_boxes, roi_align
 
 __all__ = ["SILBlock", "SILNetwork"]
 
@@ -44,27 +44,51 @@ def _choice(value, name: str, choices) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# The box_batch value check as a registered op: it reads device data (one reduction and a sync), so
-# inside a traced graph it must run as an opaque op, not as Python on tensor values. It returns a
-# copy of box_batch that the block then uses, so no compiler drops it as dead code; with
+# The value checks of a SIL block as a registered op: they read device data (one reduction and a
+# sync), so inside a traced graph they must run as an opaque op, not as Python on tensor values. It
+# returns a copy of box_batch that the block then uses, so no compiler drops it as dead code; with
 # ``sgg_kernels.set_checks(False)`` it is just that copy (a box of no image then touches nothing).
+# Given ``boxes`` (the boxes as sk.roi_align reads them), it also checks what roi_align would check
+# for the default reference features (finite boxes; box_batch in [0, B) is the check above), in the
+# same reduction, so the block's forward syncs once and calls its ops with their checks suspended.
+# (The ops' other index inputs, the KNN index and the assignments, are the block's own outputs of
+# knn_index and superpixel_cluster, in range by construction.)
 # ---------------------------------------------------------------------------------------------
 @torch.library.custom_op("sgg_kernels::sil_checked_batch", mutates_args=())
-def _checked_batch(box_batch: Tensor, B: int) -> Tensor:
-    if checks_enabled() and box_batch.numel() > 0:
-        lo, hi = torch.aminmax(box_batch)
-        lo, hi = int(lo), int(hi)
+def _checked_batch(box_batch: Tensor, B: int, boxes: Optional[Tensor] = None) -> Tensor:
+    if value_checks_on() and box_batch.numel() > 0:
+        parts = [torch.stack(torch.aminmax(box_batch))]
+        if boxes is not None:
+            non_finite = ~torch.isfinite(boxes).all(1)
+            parts.append(non_finite.sum().reshape(1))
+        stats = torch.cat(parts).tolist()  # the one sync
+        lo, hi = stats[0], stats[1]
         if lo < 0 or hi >= B:
             raise ValueError(
                 f"box_batch holds {lo if lo < 0 else hi}, outside [0, {B}) (B, the batch of feature_map); "
                 "sgg_kernels.set_checks(False) skips this check (such a box then touches no image)"
             )
+        if boxes is not None and stats[2]:
+            _raise_non_finite(boxes, non_finite)
     return box_batch.clone()
 
 
 @_checked_batch.register_fake
-def _(box_batch, B):
+def _(box_batch, B, boxes=None):
     return torch.empty_like(box_batch)
+
+
+def _checked_forward(feature_map: Tensor, boxes: Tensor, box_batch: Tensor, needs_ref: bool, body):
+    """``body(box_batch)`` after the value checks of a block's (or network's) inputs: one sync in
+    eager mode with checks on (``needs_ref``: the default reference features' roi_align will run, so
+    its finite-box check is folded in), then ``body`` with the ops' own value checks suspended."""
+    proved = _checks.module_value_checks()  # eager, checks on: _checked_batch checks everything once
+    finite = _roi_boxes(boxes, feature_map) if proved and needs_ref else None
+    box_batch = _checked_batch(box_batch, feature_map.shape[0], finite)
+    if not proved:
+        return body(box_batch)
+    with suspended_value_checks():
+        return body(box_batch)
 
 
 def _check_map(feature_map: Tensor, dim: int, dtype: torch.dtype, owner: str) -> None:
@@ -421,8 +445,8 @@ class SILBlock(nn.Module):
         """
         _check_map(feature_map, self.dim, self._dtype(), "this SILBlock")
         _check_boxes(feature_map, boxes, box_batch, spatial_scale, ref_feats, self.dim, self._dtype(), "this SILBlock")
-        return self._forward(feature_map, boxes, _checked_batch(box_batch, feature_map.shape[0]), spatial_scale,
-                             ref_feats)
+        return _checked_forward(feature_map, boxes, box_batch, self.use_intra and ref_feats is None,
+                                lambda bb: self._forward(feature_map, boxes, bb, spatial_scale, ref_feats))
 
     def _forward(self, feature_map: Tensor, boxes: Tensor, box_batch: Tensor, spatial_scale: float,
                  ref_feats: Optional[Tensor]) -> Tensor:
@@ -464,8 +488,13 @@ class SILNetwork(nn.Module):
         _check_map(feature_map, self.dim, self.blocks[0]._dtype(), "this SILNetwork")
         _check_boxes(feature_map, boxes, box_batch, spatial_scale, ref_feats, self.dim, self.blocks[0]._dtype(),
                      "this SILNetwork")
-        box_batch = _checked_batch(box_batch, feature_map.shape[0])  # once for every block
-        if ref_feats is None and any(block.use_intra for block in self.blocks):
+        needs_ref = ref_feats is None and any(block.use_intra for block in self.blocks)
+        return _checked_forward(feature_map, boxes, box_batch, needs_ref,  # once for every block
+                                lambda bb: self._forward(feature_map, boxes, bb, spatial_scale, ref_feats, needs_ref))
+
+    def _forward(self, feature_map: Tensor, boxes: Tensor, box_batch: Tensor, spatial_scale: float,
+                 ref_feats: Optional[Tensor], needs_ref: bool) -> Tensor:
+        if needs_ref:
             ref_feats = reference_features(feature_map, boxes, box_batch, spatial_scale)
         x = feature_map
         for block in self.blocks:  # every block keeps the [B, dim, H, W] shape checked above

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from .. import _checks
-from .._backend import Kernels, checks_enabled
+from .._backend import Kernels, value_checks_on
 from ..reference import cluster as ref
 
 _LIB = "sgg_kernels"
@@ -108,7 +108,7 @@ def _(points, centers, k):
 
 @torch.library.custom_op(f"{_LIB}::gather_mean", mutates_args=())
 def _gather_mean_op(feats: Tensor, knn_index: Tensor) -> Tensor:
-    if checks_enabled():
+    if value_checks_on():
         _checks.index_range(knn_index, "knn_index", feats.shape[1], "M, the number of points of feats")
     index = knn_index.expand(feats.shape[0], -1, -1).contiguous()
     return _GATHER_MEAN(feats.device, feats, index)
@@ -352,7 +352,7 @@ def cosine_assign(feats: Tensor, centers: Tensor, alpha: Optional[Tensor] = None
 # ---------------------------------------------------------------------------------------------
 @torch.library.custom_op(f"{_LIB}::cluster_aggregate", mutates_args=())
 def _cluster_aggregate_op(values: Tensor, assign: Tensor, sim: Tensor, value_centers: Tensor) -> Tuple[Tensor, Tensor]:
-    if checks_enabled():
+    if value_checks_on():
         _checks.index_range(assign, "assign", value_centers.shape[1], "C, the number of centers")
     return _AGGREGATE(values.device, values, assign, sim, value_centers)
 
@@ -519,7 +519,7 @@ def superpixel_cluster(
 # ---------------------------------------------------------------------------------------------
 @torch.library.custom_op(f"{_LIB}::cluster_dispatch", mutates_args=())
 def _cluster_dispatch_op(center_out: Tensor, assign: Tensor, sim: Tensor, residual: Optional[Tensor]) -> Tensor:
-    if checks_enabled():
+    if value_checks_on():
         _checks.index_range(assign, "assign", center_out.shape[1], "C, the number of centers")
     return _DISPATCH(center_out.device, center_out, assign, sim, residual)
 

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from .. import _checks
-from .._backend import Kernels, checks_enabled
+from .._backend import Kernels, value_checks_on
 from ..reference import masks as ref
 
 _LIB = "sgg_kernels"
@@ -68,6 +68,11 @@ def transfer_masks(mask_logits: Tensor, similarity: Tensor, labels: Tensor) -> T
 
     Returns:
         Tensor[K, m, m] in [0, 1] when the rows of S sum to at most 1.
+
+    Raises:
+        IndexError for ``labels`` outside [0, d_g) while value checks are on
+        (:func:`sgg_kernels.set_checks`; one reduction and one sync; not while ``torch.compile``
+        traces it). With checks off no value is read back and such an object's mask is 0.
     """
     _checks.tensor(mask_logits, "mask_logits", "K, d_m, m, m")
     _checks.tensor(similarity, "similarity", "d_g, d_m")
@@ -75,8 +80,16 @@ def transfer_masks(mask_logits: Tensor, similarity: Tensor, labels: Tensor) -> T
     _checks.size(similarity, "similarity", 1, mask_logits.shape[1], "d_m, the classes of mask_logits")
     _checks.size(labels, "labels", 0, mask_logits.shape[0], "K, the objects of mask_logits")
     _checks.same_device([("mask_logits", mask_logits), ("similarity", similarity), ("labels", labels)])
-    _checks.index_range(labels, "labels", similarity.shape[0], "d_g, the rows of similarity")
-    return ref.transfer_masks(mask_logits, similarity, labels)
+    d_g = similarity.shape[0]
+    if _checks.module_value_checks():
+        _checks.index_range(labels, "labels", d_g, "d_g, the rows of similarity")
+    # No sync and no out-of-range read with checks off: an invalid label gets weights 0 (mask 0).
+    valid = (labels >= 0) & (labels < d_g)
+    if d_g == 0:
+        weights = similarity.new_zeros((labels.shape[0], similarity.shape[1]))
+    else:
+        weights = torch.where(valid[:, None], similarity[labels.clamp(0, d_g - 1)], 0)
+    return torch.einsum("kj,kjyx->kyx", weights.to(mask_logits.dtype), torch.sigmoid(mask_logits))  # ref.transfer_masks
 
 
 # ---------------------------------------------------------------------------------------------
@@ -108,7 +121,7 @@ def _check_conv_values(pairs: Tensor, K: int, boxes: Optional[Tensor]) -> None:
 def _pair_mask_conv_op(masks: Tensor, pairs: Tensor, kernels: Tensor, boxes: Optional[Tensor],
                        out_size: int) -> Tensor:
     mask_boxes = _mask_boxes(boxes, masks)
-    if checks_enabled():
+    if value_checks_on():
         _check_conv_values(pairs, masks.shape[0], mask_boxes)
     return _CONV(masks.device, masks.contiguous(), pairs.contiguous(), kernels.contiguous(), mask_boxes, out_size)
 
@@ -153,6 +166,19 @@ def _conv_bwd(ctx, grad):
 torch.library.register_autograd(f"{_LIB}::pair_mask_conv", _conv_bwd, setup_context=_conv_setup)
 for _device in ("cpu", "cuda"):
     torch.library.register_autocast(f"{_LIB}::pair_mask_conv", _device, torch.float32)
+
+
+def _check_frame(boxes: Optional[Tensor], out_size, K: int) -> None:
+    """pair_mask_conv's ``boxes`` / ``out_size``: both or neither; boxes [K, 4], out_size >= 1."""
+    if (boxes is None) != (out_size is None):
+        raise ValueError("boxes and out_size go together: pass both for the union-box frame, neither for the "
+                         f"objects' own frames (got boxes={'None' if boxes is None else 'a tensor'}, out_size={out_size!r})")
+    if boxes is not None:
+        _checks.tensor(boxes, "boxes", "K, 4")
+        _checks.size(boxes, "boxes", 0, K, "K, the number of masks")
+        _checks.size(boxes, "boxes", 1, 4, "(x1, y1, x2, y2)")
+        if not isinstance(out_size, numbers.Integral) or isinstance(out_size, bool) or out_size < 1:
+            raise ValueError(f"out_size must be a positive int (the side R of the union-frame output), got {out_size!r}")
 
 
 def pair_mask_conv(masks: Tensor, pairs: Tensor, kernels: Tensor, boxes: Optional[Tensor] = None,
@@ -204,15 +230,8 @@ def pair_mask_conv(masks: Tensor, pairs: Tensor, kernels: Tensor, boxes: Optiona
     else:
         _checks.size(kernels, "kernels", 0, K, "K, the number of masks (kernels per object)")
     named = [("masks", masks), ("pairs", pairs), ("kernels", kernels)]
-    if (boxes is None) != (out_size is None):
-        raise ValueError("boxes and out_size go together: pass both for the union-box frame, neither for the "
-                         f"objects' own frames (got boxes={'None' if boxes is None else 'a tensor'}, out_size={out_size!r})")
+    _check_frame(boxes, out_size, K)
     if boxes is not None:
-        _checks.tensor(boxes, "boxes", "K, 4")
-        _checks.size(boxes, "boxes", 0, K, "K, the number of masks")
-        _checks.size(boxes, "boxes", 1, 4, "(x1, y1, x2, y2)")
-        if not isinstance(out_size, numbers.Integral) or isinstance(out_size, bool) or out_size < 1:
-            raise ValueError(f"out_size must be a positive int (the side R of the union-frame output), got {out_size!r}")
         named.append(("boxes", boxes))
     _checks.same_device(named)
     _checks.same_float_dtype([("masks", masks), ("kernels", kernels)])

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from .. import _checks
-from .._backend import Kernels, checks_enabled
+from .._backend import Kernels, value_checks_on
 from ..reference import pairs as ref
 
 _LIB = "sgg_kernels"
@@ -102,7 +102,7 @@ def _check_pair_values(pairs: Tensor, K: int, box_batch: Optional[Tensor] = None
 # ---------------------------------------------------------------------------------------------
 @torch.library.custom_op(f"{_LIB}::union_boxes", mutates_args=())
 def _union_boxes_op(boxes: Tensor, pairs: Tensor) -> Tensor:
-    if checks_enabled():
+    if value_checks_on():
         _check_pair_values(pairs, boxes.shape[0])
     return _UNION(boxes.device, boxes.contiguous(), pairs.contiguous())
 
@@ -124,7 +124,7 @@ def _(grad, boxes, pairs):
 
 @torch.library.custom_op(f"{_LIB}::pair_geometry", mutates_args=())
 def _pair_geometry_op(boxes: Tensor, pairs: Tensor) -> Tensor:
-    if checks_enabled():
+    if value_checks_on():
         _check_pair_values(pairs, boxes.shape[0])
     return _GEOMETRY(boxes.device, boxes.contiguous(), pairs.contiguous())
 
@@ -286,7 +286,7 @@ def _check_roi_values(features: Tensor, roi_boxes: Tensor, box_batch: Tensor, pa
 def _roi_align_op(features: Tensor, boxes: Tensor, box_batch: Tensor, pooled_h: int, pooled_w: int,
                   spatial_scale: float, sampling_ratio: int, aligned: bool) -> Tensor:
     rois = _roi_boxes(boxes, features)
-    if checks_enabled():
+    if value_checks_on():
         _check_roi_values(features, rois, box_batch, None, pooled_h, pooled_w, spatial_scale, sampling_ratio, aligned)
     return _ROI(features.device, features.contiguous(), rois, box_batch.contiguous(), None,
                 pooled_h, pooled_w, spatial_scale, sampling_ratio, aligned)
@@ -302,7 +302,7 @@ def _union_roi_align_op(features: Tensor, boxes: Tensor, box_batch: Tensor, pair
                         pooled_w: int, spatial_scale: float, sampling_ratio: int, aligned: bool,
                         check_values: bool = True) -> Tensor:
     rois = _roi_boxes(boxes, features)
-    if check_values and checks_enabled():
+    if check_values and value_checks_on():
         _check_roi_values(features, rois, box_batch, pairs, pooled_h, pooled_w, spatial_scale, sampling_ratio, aligned)
     return _ROI(features.device, features.contiguous(), rois, box_batch.contiguous(),
                 pairs.contiguous(), pooled_h, pooled_w, spatial_scale, sampling_ratio, aligned)
@@ -468,7 +468,7 @@ def _rows(x: Tensor) -> Tensor:
 @torch.library.custom_op(f"{_LIB}::pairwise_edge_fusion", mutates_args=())
 def _fusion_op(subj: Tensor, obj: Tensor, union: Optional[Tensor], pairs: Tensor, weight: Tensor,
                bias: Optional[Tensor]) -> Tensor:
-    if checks_enabled():
+    if value_checks_on():
         _check_pair_values(pairs, subj.shape[0])
     return _FUSION(subj.device, _rows(subj), _rows(obj), None if union is None else _rows(union), pairs.contiguous(),
                    weight.contiguous(), None if bias is None else bias.contiguous())

@@ -87,8 +87,10 @@ def prototype_distance(x: Tensor, protos: Tensor) -> Tuple[Tensor, Tensor]:
 
     Eq. 4 prints their sum, D(x, P) = L2(x) . L2(P) + ||x - P||_2 (a similarity plus a distance);
     the op returns the two terms so a loss can combine them as it reads the equation. The kernels
-    compute ||x_n - p_q||^2 from direct differences (exact 0 at x_n = p_q) and never materialise
-    the ``[N, Q, D]`` differences; deterministic on every backend.
+    (C++ CPU, Triton) compute <x_n, p_q> as a GEMM and ||x_n - p_q||^2 = |x_n|^2 + |p_q|^2 -
+    2 <x_n, p_q>, recomputed by direct differences wherever that cancels (||x_n - p_q||^2 below
+    1/64 of |x_n|^2 + |p_q|^2: exact 0 at x_n = p_q, full accuracy for near pairs); they never
+    materialise the ``[N, Q, D]`` differences and are deterministic on every backend.
 
     Args:
         x (Tensor[N, D]): instance features (RDE: the parameterised relation features).

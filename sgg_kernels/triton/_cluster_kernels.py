@@ -21,6 +21,14 @@ GPU dot run in float16/bfloat16 when the weights are exactly representable in th
 were stored in it), so products stay exact.
 Index arithmetic: batch, point and center offsets are int64 before they meet a stride (B*M*D
 passes 2^31 at the ``sgdet`` size).
+
+Floors (each kernel's docstring): the numbers of :mod:`sgg_kernels.bench.floors` (``FLOORS``) and
+benchmarks/NOTES.md, arithmetic only, never measured. e = 4 (float32), int64 assign; MiB = 2^20
+bytes (floors.py's "MB"); times at the H100 datasheet's 3.35 TB/s, tf32x3 ~165 TFLOP/s, FMA 67.
+Sizes (bench/cases/cluster.py): paper [B, M, D] = [16, 6144, 64], C = 49; sgdet [32, 24576, 64],
+C = 81. Launch geometry (triton/cluster.py, fp32): BLOCK_M = 32, BLOCK_D = 16, BLOCK_C = 64 (C = 49
+one center block, C = 81 two: the dots run on 64 / 128 padded centers); chunks of 6 tiles x 32
+(paper, 48 KiB of a [.., 64] fp32 input) / 46 tiles x 17 (sgdet, 368 KiB).
 """
 from __future__ import annotations
 
@@ -301,6 +309,13 @@ def _cosine_assign_kernel(
     """Eq. 2, P^QT_i = argmax_j s_ij and sim_i = max_j s_ij (see :func:`_assign_tile`).
 
     Grid ``(B * cdiv(M, BLOCK_M),)``; ``assign``/``sim`` are contiguous ``[B, M]`` (int64, feats dtype).
+
+    Floor (cosine_assign fwd): feats, centers read once, assign and sim written once:
+    (B M D + B C D) e + B M (8 + e) bytes; 2 B M C D + 2 B (M + C) D + B M C FLOPs. paper: 25.3 MiB,
+    0.63 GFLOP; sgdet: 201.6 MiB, 8.3 GFLOP. Bound: memory (7.9 / 63 us; the dots 3.8 / 50 us).
+    This kernel: feats from HBM once (each tile loaded 1 + ceil(C/64) times, repeats from L1/L2),
+    centers[b] re-read and their norms recomputed by every tile (L2); padded dots: 0.81 / 12.9
+    GFLOP executed (64/49, 128/81), ~78 us at sgdet: dot-bound there, ~1.2x the floor's time.
     """
     tile, b = _split_pid(tl.cdiv(M, BLOCK_M))
     offs_m = tile.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -323,7 +338,16 @@ def _cluster_partial_kernel(
 ):
     """Eq. 3, per chunk of points: part[b, k, j] = sum_{i in chunk k, a_i = j} s_i v_i and
     part_w[b, k, j] = sum_{i in chunk k, a_i = j} s_i. Grid ``(B * n_chunks,)``; finished by
-    :func:`_cluster_finish_kernel`."""
+    :func:`_cluster_finish_kernel`.
+
+    Floor (cluster_aggregate fwd, this kernel + the finish): values, assign, sim, value_centers read
+    once, out and den written once: (B M D + 2 B C D) e + B M (8 + e) + B C e bytes; 2 B M D + B M
+    + 2 B C D FLOPs. paper: 25.5 MiB, 0.013 GFLOP; sgdet: 202.3 MiB, 0.10 GFLOP. Bound: memory
+    (8.0 / 63 us). This kernel: every read of the floor but value_centers, plus its ACC partials
+    B n_chunks C (D + 1) (6.2 / 10.9 MiB, written here and read by the finish); values re-read per
+    center block (sgdet: twice, up to 2x the floor on values if a 368 KiB chunk leaves L2): ~1.5x
+    (paper) / up to ~2.1x (sgdet) the floor's bytes. One-hot dot: 2 B M 64 ceil(C/64) D = 0.81 /
+    12.9 GFLOP executed, ~78 us at sgdet (> 63 us: dot-bound there)."""
     chunk, b = _split_pid(n_chunks)
     lo, hi = _chunk_bounds(chunk, M, TILES_PER_CHUNK, BLOCK_M)
     _chunk_cluster_sums(b, chunk, n_chunks, lo, hi, M, C, D, N_DB,
@@ -352,6 +376,15 @@ def _superpixel_kernel(
        sees. The chunk was just read, so the re-read mostly hits L2.
 
     :func:`_cluster_finish_kernel` then adds the centers' values and divides by 1 + sum sim.
+
+    Floor (superpixel_cluster fwd, values = feats, value_centers = centers as the case and SIL use
+    it): feats, centers read once; assign, sim, out, den written once: (B M D + 2 B C D) e
+    + B M (8 + e) + B C e bytes; cosine_assign's + cluster_aggregate's FLOPs. paper: 25.5 MiB,
+    0.65 GFLOP; sgdet: 202.3 MiB, 8.4 GFLOP. Bound: memory (8.0 / 63 us; dots 3.9 / 51 us).
+    This kernel: feats from HBM in phase 1, re-read ceil(C/64) times in phase 2 (L2 at paper; up to
+    3x the floor on feats at sgdet), assign/sim stored then re-read, partials as
+    :func:`_cluster_partial_kernel`'s; both dots padded: 1.6 GFLOP (paper, ~10 us, about balanced
+    with memory) / 25.8 GFLOP (sgdet, ~156 us: dot-bound, 2.5x the floor's time).
     """
     chunk, b = _split_pid(n_chunks)
     lo, hi = _chunk_bounds(chunk, M, TILES_PER_CHUNK, BLOCK_M)
@@ -387,6 +420,12 @@ def _cluster_finish_kernel(
         else:            out_j = num_j;  sw_j stored to den if STORE_W
 
     ``out``/``den`` are contiguous ``[B, C, D]``/``[B, C]``, stored in their own dtype.
+
+    Floor share: value_centers read (ADD_CENTER) and out [B, C, D] / den [B, C] written once,
+    ~B C (2 D + 1) e (0.39 / 1.3 MiB); FLOPs n_chunks B C D adds + 2 B C D (negligible). It also
+    reads the B n_chunks C (D + 1) ACC partials once (6.2 MiB paper, 32 chunks; 10.9 MiB sgdet,
+    17 chunks), traffic of no floor: the price of deterministic chunked sums. Memory-bound (~2 /
+    ~4 us), in practice latency-bound: B ceil(C/64) ceil(D/16) = 64 (paper) / 256 (sgdet) programs.
     """
     b = tl.program_id(0).to(tl.int64)
     offs_c = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -436,6 +475,16 @@ def _cosine_assign_backward_kernel(
     then (after a CTA barrier: w, t were written by other threads of this program) the chunk's
     partial cluster sums S_j = sum_{a_i = j} w_i f_i and T_j = sum_{a_i = j} t_i; the launcher
     finishes grad c_j = (S_j - [|c_j| >= eps] T_j c_j / m_j) / m_j.
+
+    Floor (cosine_assign bwd, whole op): grad sim, feats, centers, assign, sim read once, grad
+    feats, grad centers written once: 2 (B M D + B C D) e + B M (8 + 2e) bytes; 7 B M D + 4 B C D
+    FLOPs (9 B M D with the sigmoid). paper: 49.9 MiB, 0.044 GFLOP; sgdet: 397.3 MiB, 0.35 GFLOP.
+    Bound: memory (15.6 / 124 us). This kernel: all of it but grad centers (finish + per-center
+    torch). It reads no sim: cos and |c_a|^2 are recomputed per point (+4 B M D FMA FLOPs); feats
+    is loaded twice per tile (L1/L2) and again ceil(C/64) times in the cluster-sum phase (L2 at
+    paper, up to 3x the floor on feats at sgdet); w, t scratch 4 B M 4 bytes (1.5 / 12 MiB) and
+    6.2 / 10.9 MiB of partials: ~1.3x the floor's bytes at paper. One-hot dot 0.81 / 12.9 GFLOP
+    (~78 us < 124 us).
     """
     chunk, b = _split_pid(n_chunks)
     lo, hi = _chunk_bounds(chunk, M, TILES_PER_CHUNK, BLOCK_M)
@@ -508,6 +557,13 @@ def _cluster_aggregate_backward_kernel(
         grad v_i = s_i G_a / den_a,     grad s_i = G_a . (v_i - out_a) / den_a
 
     (grad vc_j = G_j / den_j is a per-center elementwise op left to the launcher.)
+
+    Floor (cluster_aggregate bwd, whole op): G, values, assign, sim, out, den read once; grad
+    values, grad sim, grad vc written once: (3 B C D + 2 B M D) e + B M (8 + 2e) + B C e bytes;
+    4 B M D + B C D FLOPs. paper: 50.1 MiB, 0.025 GFLOP; sgdet: 397.9 MiB, 0.20 GFLOP. Bound: memory
+    (15.7 / 125 us). This kernel: all of it but grad vc (torch, B C D); values read and grad values
+    written once (~1x the floor); G_a, out_a, den_a gathered per point from L2 ([B, C, D]: 0.19 /
+    0.63 MiB), G_a / den_a recomputed per point (+B M D FLOPs, FMA).
     """
     tile, b = _split_pid(tl.cdiv(M, BLOCK_M))
     offs_m = tile.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -539,7 +595,14 @@ def _cluster_dispatch_kernel(
     ACC: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Eq. 9: out_i = r_i + s_i center_out[a_i] (the center term is 0 when a_i is out of range).
-    Grid ``(B * cdiv(M, BLOCK_M), cdiv(D, BLOCK_D))``; ``out`` contiguous ``[B, M, D]``."""
+    Grid ``(B * cdiv(M, BLOCK_M), cdiv(D, BLOCK_D))``; ``out`` contiguous ``[B, M, D]``.
+
+    Floor (cluster_dispatch fwd): center_out, assign, sim, residual read once, out written once:
+    (B C D + 2 B M D) e + B M (8 + e) bytes; 2 B M D FLOPs (one multiply-add per point and
+    channel). paper: 49.3 MiB, 0.013 GFLOP; sgdet: 393.6 MiB, 0.10 GFLOP; 0.24 FLOP/B. Bound: memory
+    (15 / 123 us). This kernel: residual read and out written once (~1x the floor in HBM); assign
+    and sim re-read by each of the ceil(D/16) = 4 D-block programs of a tile and center_out rows
+    gathered per point, all L2-resident (1.1 / 9 MiB; 0.19 / 0.63 MiB)."""
     tile, b = _split_pid(tl.cdiv(M, BLOCK_M))
     offs_m = tile.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -569,6 +632,15 @@ def _cluster_dispatch_backward_kernel(
 
     then the chunk's partial cluster sums grad center_out_j = sum_{a_i = j} s_i G_i, finished
     (summed over chunks) by :func:`_cluster_finish_kernel`. (grad r_i = G_i needs no kernel.)
+
+    Floor (cluster_dispatch bwd, whole op): G, center_out, assign, sim read once; grad center_out,
+    grad sim and grad r (a copy of G) written once: (2 B M D + 2 B C D) e + B M (8 + 2e) bytes;
+    4 B M D FLOPs. paper: 49.9 MiB, 0.025 GFLOP; sgdet: 397.3 MiB, 0.20 GFLOP; memory (15.6 /
+    124 us). The op never writes grad r (autograd hands grad_out itself to the residual), so
+    B M D e of that floor (24 / 192 MiB) never moves: 25.9 / 205 MiB remain (8.1 / 64 us). This
+    kernel: G read in phase 1 and again ceil(C/64) times in phase 2 (L2 at paper; up to 3x the
+    floor on G at sgdet), 6.1 / 10.8 MiB of partials; one-hot dot 0.81 / 12.9 GFLOP (~78 us at
+    sgdet: above those 64 us of memory, so dot-bound).
     """
     chunk, b = _split_pid(n_chunks)
     lo, hi = _chunk_bounds(chunk, M, TILES_PER_CHUNK, BLOCK_M)

@@ -24,6 +24,14 @@ ACC dots pass ``input_precision=PREC`` (:func:`sgg_kernels.set_precision`: ``"tf
 default, ``"ieee"`` for float64 and under the interpreter; plain TF32 keeps 10 mantissa bits); with
 ``DOT_NATIVE`` (fp16/bf16 on a GPU) the dot operands are cast to the input dtype and accumulate
 in float32. Row indices are int64 before they meet a stride.
+
+Floors (each kernel's docstring): the numbers of :mod:`sgg_kernels.bench.floors` (``fusion_floor``)
+and benchmarks/NOTES.md, arithmetic only, never measured. e = 4 (float32), int64 pairs; MiB = 2^20
+bytes (floors.py's "MB"); times at the H100 datasheet's 3.35 TB/s, tf32x3 ~165 TFLOP/s. Sizes
+(bench/cases/pairs.py, subj/obj the halves of E1 [K, 2D], Du = D, with bias): paper K = 100,
+P = 2,400, D = 4,096, C = 51; sgdet K = 320, P = 25,280. fp32 geometry (triton/pairs.py): BLOCK_C 64
+(C = 51 padded: 64/51 of the dot FLOPs), BLOCK_D 32, BLOCK_P 64 (forward) / 32 (backward).
+The op's backward floor, and what the four backward launches move in all: triton/pairs.py.
 """
 from __future__ import annotations
 
@@ -117,9 +125,13 @@ def _fusion_forward_kernel(
     BLOCK_D chunks: g tile (:func:`_fused_tile`) times the ``[BLOCK_D, BLOCK_C]`` tile of W^T
     (loaded transposed), accumulated in ACC.
 
-    Floor (paper: P = 2,400, D = Du = 4,096, C = 51, K = 100): 2 P D C = 1.0 GFLOP on tensor cores;
-    bytes ~ P Du 4 (union, 39 MB) + 2 K D 4 (subj/obj rows, 3.3 MB; their per-pair gathers hit L2)
-    + C D 4 + P C 4: ~43 MB, so memory-bound (~13 us at 3.35 TB/s)."""
+    Floor: E1 (subj, obj), union, pairs, weight, bias read once, logits written once:
+    (2 K D + P Du + C D + C + P C) e + 16 P bytes; 2 P C D + P (D + Du) + P C FLOPs. paper: 41.9 MiB
+    (union 37.5), 1.02 GFLOP; sgdet: 411 MiB (union 395), 10.8 GFLOP. Bound: memory (13 / 129 us;
+    the tf32x3 dots 6.2 / 65 us: 23-25 FLOP/B against a ~49 FLOP/B ridge). This kernel: union read
+    once; subj/obj rows gathered per pair and W re-read per pair tile, from L2 (E1 3.1 / 10 MiB);
+    1.27 / 13.2 GFLOP executed (C padded: 7.7 / 80 us); paper's 7 D splits add ACC partials
+    7 P C (3.3 MiB, written, summed by torch): ~1.2x the floor's bytes at paper, 1x at sgdet."""
     offs_p = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     split = tl.program_id(2)
@@ -160,6 +172,12 @@ def _fusion_dweight_kernel(
     (an invalid pair's logits are the bias alone, so its G row still counts in d bias). ``part`` ``[n_chunks, C, D]`` and ``part_b`` ``[n_chunks, C]`` are
     contiguous ACC buffers, fully written (zeros for an empty chunk); the launcher sums them over
     chunks in a fixed order (deterministic, no atomics).
+
+    Floor share: d weight and d bias written once (C (D + 1) e, 0.8 MiB); 2 P C D (d W) + P C
+    (d bias) + P (D + Du) (g recomputed) FLOPs. This kernel: union read once (the floor's one
+    read of it), subj/obj rows gathered from L2, G re-read by each of the D / 32 = 128 D blocks
+    (L2: 60 / 630 MiB of L2 reads), 3 chunks of partials (2.4 MiB, summed by torch); its dot
+    executes 2 P 64 D = 1.26 / 13.3 GFLOP (7.6 / 80 us at tf32x3): memory-bound on union.
     """
     pid_d = tl.program_id(0)
     chunk = tl.program_id(1).to(tl.int64)
@@ -211,6 +229,13 @@ def _fusion_drows_kernel(
     (ascending p: the launcher's stable sort). Grid ``(K, cdiv(D, BLOCK_D))``; each program loops
     over its row's pairs in BLOCK_P steps, sums, and stores its ``out [K, D]`` block once (every
     row and column is written, zeros for a row without pairs; no atomics).
+
+    Floor share (per launch): d subj (or d obj) written once (K D e: 1.6 / 5 MiB); P (D + Du)
+    multiplies + P D adds. This kernel also reads union once per launch (the floor reads it once in
+    the whole backward: each of the two launches adds 1x the floor on union, 37.5 / 395 MiB),
+    gathers the other rows from L2, re-reads G rows and W blocks per (row, D block) from L2, and
+    recomputes dg = G W (the floor counts it once): pairs in steps of 32 (24 / 79 per row) and C
+    padded, 1.68 / 16.1 GFLOP per launch (10 / 98 us at tf32x3): memory-bound on union.
     """
     k = tl.program_id(0).to(tl.int64)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -240,7 +265,13 @@ def _fusion_dunion_kernel(
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """d union_p = (dg_p * subj[s_p] * obj[o_p])[:Du] (0 for invalid pairs). Grid
-    ``(cdiv(P, BLOCK_P), cdiv(Du, BLOCK_D))``; ``out`` contiguous ``[P, Du]``."""
+    ``(cdiv(P, BLOCK_P), cdiv(Du, BLOCK_D))``; ``out`` contiguous ``[P, Du]``.
+
+    Floor share: d union written once (P Du e: 37.5 / 395 MiB, ~half the backward's floor); P Du
+    multiplies (2 P Du here: subj * obj is not shared with a g recompute). This kernel: no union
+    read; subj/obj rows gathered, G and W re-read per program, from L2; dg recomputed here too,
+    2 P 64 Du = 1.26 / 13.3 GFLOP (7.6 / 80 us at tf32x3 against ~12 / 124 us of writing
+    d union): memory-bound, ~1x the floor on what it writes."""
     offs_p = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_p = offs_p < P

@@ -27,6 +27,19 @@ chunking depends on the shapes only (it targets 2 waves of an H100's 132 SMs, no
 present), so results are bitwise reproducible. Scalar grads (alpha, beta) are per-program
 partials summed by torch. Empty inputs (B = 0 or M = 0) return without a launch.
 
+Floors (bench/floors.py ``FLOORS``, benchmarks/NOTES.md; arithmetic, not measured): each op's
+forward and backward floor, at paper and sgdet, is in its main kernel's docstring
+(``_cosine_assign_kernel`` / ``_cosine_assign_backward_kernel``, ``_cluster_partial_kernel`` /
+``_cluster_aggregate_backward_kernel``, ``_superpixel_kernel``, ``_cluster_dispatch_kernel`` /
+``_cluster_dispatch_backward_kernel``) with that kernel's share and what it moves beyond it; the
+finish kernel's partials are traffic of no floor. superpixel_cluster's backward floor (values =
+feats): grad out, grad sim, feats, centers, assign, sim, out, den read once, grad feats and grad
+centers written once: 50.3 / 398.5 MiB, 0.076 / 0.61 GFLOP, memory-bound (15.7 / 125 us at
+3.35 TB/s). It has no kernel of its own (ops/cluster.py: cluster_aggregate_backward, then
+cosine_assign_backward): feats is read by both, and grad values and grad feats (one tensor when
+values = feats) are written separately and summed by autograd (3 B M D e more): ~190 MiB at
+paper (~3.7x the floor), >= ~1.4 GiB at sgdet (~3.5x).
+
 fp16/bf16 inputs run their dots on tensor cores (``DOT_NATIVE``/``W_NATIVE``: operands that are
 exact in that dtype, fp32 accumulation) on a GPU only; the interpreter (bf16 dots are wrong
 there) takes the fp32 path. Tuning knobs are module globals (``_BLOCK_M``, ``_MAX_BLOCK_C``, ...)

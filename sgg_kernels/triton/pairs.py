@@ -19,8 +19,21 @@ time). The backward is deterministic, with no float atomics: d weight / d bias a
 partials summed by torch over the chunk axis (chunking depends on the shapes only: it targets 2
 waves of an H100's 132 SMs, not the device present); d subj / d obj gather each row's pairs
 from a CSR built with a stable sort (on-device, no host sync), so every output row is written by
-one program in ascending pair order; d union is per pair. dg = G W is recomputed by the three
-gradient kernels that need it (3 P C D extra multiply-adds, against O(P D) memory saved).
+one program in ascending pair order; d union is per pair. dg = G W (P C D multiply-adds) is
+computed by each of the three gradient kernels that need it: 3 P C D multiply-adds where a stored
+dg would cost P C D, against a [P, D] buffer (written once, read three times) saved.
+
+Floors (bench/floors.py ``fusion_floor``, benchmarks/NOTES.md; float32, MiB = 2^20 B, H100
+datasheet 3.35 TB/s and tf32x3 ~165 TFLOP/s; arithmetic, not measured). The forward's: see
+``_fusion_forward_kernel``. The backward's, for the whole op: G [P, C], E1 [K, 2D], union, pairs,
+weight read once; d E1, d union, d weight, d bias written once: (P C + 4 K D + 2 P Du + 2 C D + C) e
++ 16 P bytes; 4 P C D + P C + 3 P (D + Du) + 2 P D + P Du FLOPs. paper (K = 100, P = 2,400,
+D = Du = 4,096, C = 51): 83.4 MiB, 2.09 GFLOP; sgdet (K = 320, P = 25,280): 817 MiB, 22.1 GFLOP.
+Bound: memory (26 / 256 us; dots 13 / 134 us). These four launches read union three times (d
+weight, d subj, d obj each recompute g): ~2x the floor's bytes (163 / 1,612 MiB: 51 / 504 us);
+dg thrice, padded C and pair steps: 5.9 / 58.7 GFLOP executed (36 / 356 us at tf32x3), so still
+memory-bound on an H100, about balanced at sgdet on an H200 (4.8 TB/s: 352 us of memory). Each
+kernel's docstring gives its share.
 
 Pairs with an index outside ``[0, K)`` are never read: their g is 0 (logits = bias), so their
 gradient reaches d bias and nothing else. Empty inputs (P = 0, K = 0, C = 0) launch nothing empty.
@@ -170,7 +183,7 @@ def _split_d(tiles: int, D: int, block_d: int, target: int = _TARGET_PROGRAMS) -
     """(n_splits, d_per_split) of the forward's reduction over D: enough (P, C) tiles x splits for
     ``target`` programs (two waves) when the pair tiles alone are fewer (paper, fp32: 38 tiles -> 7
     splits of 608 columns), each split at least _MIN_D_PER_SPLIT wide so its [P, C] partial stays small next to
-    the g tiles it reads (paper: 7 x 2,400 x 51 x 4 B = 3.4 MB against ~43 MB of inputs). A
+    the g tiles it reads (paper: 7 x 2,400 x 51 x 4 B = 3.3 MiB against the 41.9 MiB floor). A
     function of the shapes alone (determinism)."""
     n_db = max(1, triton.cdiv(D, block_d))
     want = min(triton.cdiv(target, max(tiles, 1)), max(1, D // _MIN_D_PER_SPLIT))

@@ -5,21 +5,25 @@ Same functions, signatures, outputs and output dtypes as :mod:`sgg_kernels.refer
 :mod:`sgg_kernels.triton._prototypes_kernels`; these are the plain-Python launchers that the op
 layer (:mod:`sgg_kernels.ops.prototypes`) calls inside its ``torch.library`` custom ops.
 
-Design (``x [N, D]``, ``protos [Q, D]``, any strides; the ``[N, Q, D]`` differences never exist,
-each program holds one ``[BLOCK_N, BLOCK_Q, BLOCK_D]`` slab of them in registers):
+Design (``x [N, D]``, ``protos [Q, D]``, any strides; the ``[N, Q, D]`` differences never exist):
 
-    function                      kernel   grid                     scratch (ACC dtype)
-    prototype_distance            forward  (N tiles, Q blocks)      -
-    prototype_distance_backward   coef     (N tiles, Q blocks)      K [N, Q], r/c partials
-                                  grad x   (N tiles, D blocks)      -
-                                  grad P   (Q blocks, D blocks)     -
+    function                      kernel   grid                            scratch (ACC dtype)
+    prototype_distance            dot      (N tiles, Q blocks, D splits)   dot [S, N, Q], norms [S, N], [S, Q]
+                                  sq       (N tiles, Q blocks)             dot, s [N, Q], norms [N], [Q]
+                                  finish   (N tiles, Q blocks)             -
+    prototype_distance_backward   dot, sq  (as the forward)                (as the forward)
+                                  finish   (N tiles, Q blocks)             K [N, Q], r/c partials
+                                  grad x   (N tiles, D blocks)             -
+                                  grad P   (Q blocks, D blocks, N splits)  grad P partials [S, Q, D]
 
-The forward and the coefficient kernel compute <x_n, p_q> and ||x_n - p_q||^2 together from
-direct differences (exact 0 at x_n = p_q). The backward recomputes cos and s (the saved outputs
-are not read), writes K = G / (a b) - W once, then the two gradients are GEMMs with a fixed
-summation order: grad x = K @ P + r x (dot over Q blocks), grad P = K^T @ x + c P (dot over N
-tiles, one program per output tile); r and c are per-block partials summed by torch over a fixed
-short axis. Deterministic, no atomics. Empty inputs (N = 0 or Q = 0) launch nothing.
+<x_n, p_q> is a GEMM on tensor cores and s = |x|^2 + |p|^2 - 2 <x, p>; the pairs where that
+cancels (s < TAU (|x|^2 + |p|^2), TAU = 1/64) are recomputed by direct differences in the sq
+kernel (exact 0 at x_n = p_q). The backward recomputes the same way (the saved outputs are not
+read), writes K = G / (a b) - W once, then the two gradients are GEMMs with a fixed summation
+order: grad x = K @ P + r x (dot over Q blocks), grad P = K^T @ x + c P (dot over the row tiles of
+one N split; the split partials and the r/c partials are summed by torch over a fixed short
+axis). Deterministic, no atomics. Empty inputs (N = 0 or Q = 0) launch nothing. Floors and the
+error bound of the recompute threshold: :mod:`sgg_kernels.triton._prototypes_kernels`.
 
 Tuning knobs are module globals (``_BLOCK_N``, ``_MAX_BLOCK_Q``, ...) so tests can shrink the
 blocks to exercise the multi-block paths in the interpreter.
@@ -30,41 +34,52 @@ from typing import Tuple
 
 import torch
 import triton
-import triton.language as tl
 from torch import Tensor
 
+from .._backend import dot_precision
+from .pairs import _acc, _native
 from ._prototypes_kernels import (
-    _prototype_coef_kernel,
-    _prototype_distance_kernel,
+    _prototype_dot_kernel,
+    _prototype_finish_kernel,
+    _prototype_sq_kernel,
     _prototype_grad_p_kernel,
     _prototype_grad_x_kernel,
 )
 
 # ---------------------------------------------------------------------------------------------
 # Configuration: one fixed config (the interpreter cannot autotune), checked by compiling every
-# kernel for sm_90 with ptxas at the benchmark sizes (.ci/check_triton_compile.py: N = 2,400 and
-# 25,280, Q = 51, D = 4096, every dtype). The distance slab [BLOCK_N, BLOCK_Q, BLOCK_DIST_D] is
-# what a program holds in registers: 8K elements (fp32) compile to 128 registers without spills.
-# The grad GEMMs (fp32 FMA dots on converted operands) spilled 0.3-0.4 KB per thread in fp16/bf16
-# with 2 pipeline stages; one stage removes every spill. grad P's grid is (Q blocks, D blocks)
-# only (its reduction runs over N inside the program): 32-column tiles give 128 programs at D = 4096.
+# kernel for sm_90 and sm_80 with ptxas at the benchmark sizes (.ci/check_triton_compile.py:
+# N = 2,400 and 25,280, Q = 51, D = 4096, every dtype): no spills in fp32/fp16/bf16 on either.
+# - dot: [32, 64] tiles (Q = 51 is one block: 20 % of the MMA is padding, free in a memory-bound
+#   kernel), 32 columns a step. 64-row tiles took 214 registers in fp32 (2 CTAs/SM) and spilled
+#   84 B on sm_80. D is split so that the grid reaches two waves at the CTAs per SM the variant
+#   fits (_CTAS_DOT); the price is the S partials of [N, Q] (written once, read by the sq kernel).
+#   paper: 75 row tiles x 11 splits of 384 columns = 825 programs (fp32, 2.1 waves at 3 CTAs/SM);
+#   fp16/bf16 x 16 splits of 256 (capped by _MIN_D_PER_SPLIT: 1.3 waves at 7 CTAs/SM, partials
+#   16 x 0.49 MB each way against 19.7 MB of x). sgdet: 790 row tiles x 2 (fp32) / 3 splits.
+# - sq and finish: [8, 64] tiles, elementwise on [N, Q] (0.5 MB at paper) plus the rare
+#   recompute (32 columns a step); not hot (300 programs at paper, 3,160 at sgdet).
+# - grad x: [32, 32] output tiles, the dot over Q (paper: 75 x 128 = 9,600 programs).
+# - grad P: [64, 32] output tiles (Q = 51: one block; 128 column tiles at D = 4096), its reduction
+#   over N split for two waves at _CTAS_GRAD_P (paper: 10 splits of 256 rows, 1,280 programs,
+#   1.9 waves at 5 CTAs/SM; partials 10 x 0.8 MB; sgdet: 11 splits).
 # ---------------------------------------------------------------------------------------------
-_BLOCK_N = 32  # rows of x per distance tile (forward, coef)
-_MAX_BLOCK_Q = 32  # prototypes per distance tile: Q = 51 is two blocks
-_BLOCK_DIST_D = 8  # columns per step of the direct differences
-_BLOCK_N_DOT = 64  # rows per tile of the grad GEMMs (grad x tile, grad P reduction step)
-_MAX_BLOCK_Q_DOT = 64  # prototypes per grad GEMM tile: Q = 51 is one block
-_MAX_BLOCK_D_DOT = 32  # columns per grad x tile (64 spilled 8 B on sm_80)
-_MAX_BLOCK_D_GRAD_P = 32  # columns per grad P tile
-_FP64_SHRINK = 2  # fp64 tiles are twice the bytes: halve the row blocks
+_BLOCK_N = 32  # rows of x per GEMM tile (dot kernel, grad x tile, grad P reduction step)
+_MAX_BLOCK_Q = 64  # prototypes per GEMM and finish tile
+_BLOCK_D = 32  # columns per step of the dot kernel; columns per grad x / grad P output tile
+_BLOCK_N_FINISH = 8  # rows per finish tile
+_BLOCK_D_FIX = 32  # columns per step of the exact recompute
+_MIN_D_PER_SPLIT = 256  # a D split of the dot kernel is at least this many columns
+_MIN_N_PER_SPLIT = 256  # an N split of grad P is at least this many rows
+_TARGET_PROGRAMS = 2 * 132  # two waves of one CTA per SM on an H100/H200 (132 SMs), times the CTAs/SM:
+# resident CTAs per SM of the sm_90 compiles (check_triton_compile.py), by variant
+_CTAS_DOT = {"fp32": 3, "native": 7, "fp64": 4}
+_CTAS_GRAD_P = {"fp32": 5, "native": 5, "fp64": 7}
+_TAU = 1.0 / 64  # recompute s exactly where s < _TAU (|x|^2 + |p|^2) (kernels module: error bound)
+_FP64_SHRINK = 2  # fp64 tiles are twice the bytes: halve the column blocks
 _NUM_WARPS = 4
-_NUM_WARPS_DOT = 8
-_NUM_STAGES_DOT = 1
-
-
-def _acc(dtype: torch.dtype) -> Tuple[tl.dtype, torch.dtype]:
-    """Accumulation dtype: float64 for float64 inputs, else float32 (reference ``_acc_dtype``)."""
-    return (tl.float64, torch.float64) if dtype == torch.float64 else (tl.float32, torch.float32)
+_NUM_WARPS_DOT = 4
+_NUM_STAGES_DOT = 2
 
 
 def _pow2(n: int, lo: int, cap: int) -> int:
@@ -72,82 +87,152 @@ def _pow2(n: int, lo: int, cap: int) -> int:
     return max(lo, min(triton.next_power_of_2(max(int(n), 1)), cap))
 
 
-def _distance_blocks(Q: int, acc: torch.dtype) -> Tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_Q, BLOCK_D) of the direct-difference kernels (forward, coef)."""
-    shrink = _FP64_SHRINK if acc == torch.float64 else 1
-    return max(1, _BLOCK_N // shrink), _pow2(Q, 1, _MAX_BLOCK_Q), _BLOCK_DIST_D
+def _variant(acc: torch.dtype, native: bool) -> str:
+    return "fp64" if acc == torch.float64 else ("native" if native else "fp32")
 
 
-def _dot_blocks(Q: int, D: int, acc: torch.dtype) -> Tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_Q, BLOCK_D) of the grad GEMM kernels."""
+def _gemm_blocks(Q: int, acc: torch.dtype) -> Tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_Q, BLOCK_D) of the GEMM kernels (dot, grad x, grad P)."""
     shrink = _FP64_SHRINK if acc == torch.float64 else 1
-    return max(16, _BLOCK_N_DOT // shrink), _pow2(Q, 16, _MAX_BLOCK_Q_DOT), _pow2(D, 16, _MAX_BLOCK_D_DOT)
+    return max(16, _BLOCK_N), _pow2(Q, 16, _MAX_BLOCK_Q), max(16, _BLOCK_D // shrink)
+
+
+def _finish_blocks(Q: int) -> Tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_Q, BLOCK_D) of the sq and finish kernels."""
+    return _BLOCK_N_FINISH, _pow2(Q, 16, _MAX_BLOCK_Q), _BLOCK_D_FIX
+
+
+def _split(extent: int, tiles: int, block: int, minimum: int, ctas: int) -> Tuple[int, int]:
+    """(splits, extent per split) of a reduction over ``extent`` with ``tiles`` programs per split:
+    enough splits for _TARGET_PROGRAMS * ctas programs (two waves at ``ctas`` CTAs per SM), each
+    split at least ``minimum`` long and a multiple of ``block`` (shapes only: the summation order
+    never depends on the device)."""
+    target = _TARGET_PROGRAMS * ctas
+    want = max(1, min(triton.cdiv(target, max(tiles, 1)), triton.cdiv(extent, max(minimum, block))))
+    per = max(block, triton.cdiv(triton.cdiv(extent, want), block) * block)
+    return max(1, triton.cdiv(extent, per)), per
+
+
+def _dot_grid(N: int, Q: int, D: int, acc: torch.dtype, native: bool):
+    """(BLOCK_N, BLOCK_Q, BLOCK_D, n_row_tiles, n_q_blocks, d_splits, d_per_split) of the dot kernel."""
+    bn, bq, bd = _gemm_blocks(Q, acc)
+    n_nb, n_qb = triton.cdiv(N, bn), triton.cdiv(Q, bq)
+    splits, per = _split(D, n_nb * n_qb, bd, _MIN_D_PER_SPLIT, _CTAS_DOT[_variant(acc, native)])
+    return bn, bq, bd, n_nb, n_qb, splits, per
+
+
+def _grad_p_grid(N: int, Q: int, D: int, acc: torch.dtype, native: bool):
+    """(BLOCK_N, BLOCK_Q, BLOCK_D, n_q_blocks, n_d_blocks, n_splits, n_per_split) of grad P."""
+    bn, bq, bd = _gemm_blocks(Q, acc)
+    n_qb, n_db = triton.cdiv(Q, bq), triton.cdiv(D, bd)
+    splits, per = _split(N, n_qb * n_db, bn, _MIN_N_PER_SPLIT, _CTAS_GRAD_P[_variant(acc, native)])
+    return bn, bq, bd, n_qb, n_db, splits, per
+
+
+def _distance(x: Tensor, protos: Tensor, backward: bool, grads=None):
+    """The dot, sq and finish kernels. Forward: ``(cos, dist)``; backward (``grads`` =
+    (G, H)): ``(K [N, Q], r [N], c [Q])`` in ACC."""
+    N, D = x.shape
+    Q = protos.shape[0]
+    dev = x.device
+    acc_tl, acc = _acc(x.dtype)
+    native = _native(x.dtype)  # fp16/bf16 operands into the dot: on a GPU only (not the interpreter)
+    bn, bq, bd, n_nb, n_qb, splits, per = _dot_grid(N, Q, D, acc, native)
+    dot = torch.empty((splits, N, Q), dtype=acc, device=dev)
+    nx2 = torch.empty((splits, N), dtype=acc, device=dev)
+    np2 = torch.empty((splits, Q), dtype=acc, device=dev)
+    _prototype_dot_kernel[(n_nb, n_qb, splits)](
+        x, protos, dot, nx2, np2,
+        N, Q, D, per,
+        *x.stride(), *protos.stride(),
+        ACC=acc_tl, DOT_NATIVE=native, PREC=dot_precision(acc), BLOCK_N=bn, BLOCK_Q=bq, BLOCK_D=bd,
+        num_warps=_NUM_WARPS_DOT, num_stages=_NUM_STAGES_DOT,
+    )
+    fn, fq, fd = _finish_blocks(Q)
+    f_nb, f_qb = triton.cdiv(N, fn), triton.cdiv(Q, fq)
+    dot_sum = torch.empty((N, Q), dtype=acc, device=dev)
+    sq = torch.empty((N, Q), dtype=acc, device=dev)
+    nx2_sum = torch.empty((N,), dtype=acc, device=dev)
+    np2_sum = torch.empty((Q,), dtype=acc, device=dev)
+    _prototype_sq_kernel[(f_nb, f_qb)](
+        x, protos, dot, nx2, np2,
+        dot_sum, sq, nx2_sum, np2_sum,
+        N, Q, D, splits,
+        *x.stride(), *protos.stride(),
+        ACC=acc_tl, TAU=_TAU, BLOCK_N=fn, BLOCK_Q=fq, BLOCK_D=fd, num_warps=_NUM_WARPS,
+    )
+    if backward:
+        G, H = grads
+        cos = dist = sq  # unused pointers
+        K = dot[0]  # reused: the partials were all read by the sq kernel above (stream order)
+        r_part = torch.empty((f_qb, N), dtype=acc, device=dev)
+        c_part = torch.empty((f_nb, Q), dtype=acc, device=dev)
+        g_strides = (*G.stride(), *H.stride())
+    else:
+        cos = torch.empty((N, Q), dtype=x.dtype, device=dev)
+        dist = torch.empty((N, Q), dtype=x.dtype, device=dev)
+        G = H = K = r_part = c_part = sq  # unused pointers
+        g_strides = (0, 0, 0, 0)
+    _prototype_finish_kernel[(f_nb, f_qb)](
+        dot_sum, sq, nx2_sum, np2_sum,
+        cos, dist,
+        G, H, K, r_part, c_part,
+        N, Q,
+        *g_strides,
+        ACC=acc_tl, BACKWARD=backward, BLOCK_N=fn, BLOCK_Q=fq, num_warps=_NUM_WARPS,
+    )
+    if backward:
+        return K, r_part.sum(dim=0), c_part.sum(dim=0)  # fixed-shape torch sums: deterministic
+    return cos, dist
 
 
 # ---------------------------------------------------------------------------------------------
 # Eq. 4
 # ---------------------------------------------------------------------------------------------
 def prototype_distance(x: Tensor, protos: Tensor):
-    """Eq. 4: ``(cos [N, Q], dist [N, Q])`` in the dtype of ``x``; one launch over ``[N, Q]`` tiles."""
-    N, D = x.shape
-    Q = protos.shape[0]
-    cos = torch.empty((N, Q), dtype=x.dtype, device=x.device)
-    dist = torch.empty((N, Q), dtype=x.dtype, device=x.device)
+    """Eq. 4: ``(cos [N, Q], dist [N, Q])`` in the dtype of ``x``: the GEMM, the sq kernel, the finish kernel."""
+    N, Q = x.shape[0], protos.shape[0]
     if N == 0 or Q == 0:
-        return cos, dist
-    acc_tl, acc = _acc(x.dtype)
-    block_n, block_q, block_d = _distance_blocks(Q, acc)
-    grid = (triton.cdiv(N, block_n), triton.cdiv(Q, block_q))
-    _prototype_distance_kernel[grid](
-        x, protos, cos, dist,
-        N, Q, D,
-        *x.stride(), *protos.stride(),
-        ACC=acc_tl, BLOCK_N=block_n, BLOCK_Q=block_q, BLOCK_D=block_d, num_warps=_NUM_WARPS,
-    )
-    return cos, dist
+        return (torch.empty((N, Q), dtype=x.dtype, device=x.device),
+                torch.empty((N, Q), dtype=x.dtype, device=x.device))
+    return _distance(x, protos, backward=False)
 
 
 def prototype_distance_backward(grad_cos: Tensor, grad_dist: Tensor, x: Tensor, protos: Tensor,
                                 need_x: bool = True, need_protos: bool = True):
     """``(grad x [N, D], grad protos [Q, D])`` of :func:`prototype_distance` (an empty ``[0]``
-    tensor for a gradient not needed): the coefficient kernel, then one GEMM kernel per gradient."""
+    tensor for a gradient not needed): the GEMM, sq and finish kernels (K, r, c), then one GEMM kernel
+    per gradient."""
     N, D = x.shape
     Q = protos.shape[0]
     dev = x.device
     grad_x = torch.empty((N, D) if need_x else (0,), dtype=x.dtype, device=dev)
-    grad_p = torch.empty((Q, D) if need_protos else (0,), dtype=protos.dtype, device=dev)
     if N == 0 or Q == 0:  # no pair: both gradients are 0
-        return grad_x.zero_(), grad_p.zero_()
-    if not (need_x or need_protos):
-        return grad_x, grad_p
+        return grad_x.zero_(), torch.zeros((Q, D) if need_protos else (0,), dtype=protos.dtype, device=dev)
+    if not (need_x or need_protos) or D == 0:
+        return grad_x, torch.empty((Q, D) if need_protos else (0,), dtype=protos.dtype, device=dev)
     acc_tl, acc = _acc(x.dtype)
-    block_n, block_q, block_d = _distance_blocks(Q, acc)
-    n_nb, n_qb = triton.cdiv(N, block_n), triton.cdiv(Q, block_q)
-    K = torch.empty((N, Q), dtype=acc, device=dev)
-    r_part = torch.empty((n_qb, N), dtype=acc, device=dev)
-    c_part = torch.empty((n_nb, Q), dtype=acc, device=dev)
-    _prototype_coef_kernel[(n_nb, n_qb)](
-        grad_cos, grad_dist, x, protos, K, r_part, c_part,
-        N, Q, D,
-        *grad_cos.stride(), *grad_dist.stride(), *x.stride(), *protos.stride(),
-        ACC=acc_tl, BLOCK_N=block_n, BLOCK_Q=block_q, BLOCK_D=block_d, num_warps=_NUM_WARPS,
-    )
-    dn, dq, dd = _dot_blocks(Q, D, acc)
-    if need_x and D > 0:
-        r = r_part.sum(dim=0)  # fixed-shape torch sum over the Q blocks: deterministic
-        _prototype_grad_x_kernel[(triton.cdiv(N, dn), triton.cdiv(D, dd))](
+    prec = dot_precision(acc)
+    K, r, c = _distance(x, protos, backward=True, grads=(grad_cos, grad_dist))
+    bn, bq, bd = _gemm_blocks(Q, acc)
+    if need_x:
+        _prototype_grad_x_kernel[(triton.cdiv(N, bn), triton.cdiv(D, bd))](
             K, r, x, protos, grad_x,
             N, Q, D,
             *x.stride(), *protos.stride(),
-            ACC=acc_tl, BLOCK_N=dn, BLOCK_Q=dq, BLOCK_D=dd, num_warps=_NUM_WARPS_DOT, num_stages=_NUM_STAGES_DOT,
+            ACC=acc_tl, PREC=prec, BLOCK_N=bn, BLOCK_Q=bq, BLOCK_D=bd,
+            num_warps=_NUM_WARPS_DOT, num_stages=_NUM_STAGES_DOT,
         )
-    if need_protos and D > 0:
-        c = c_part.sum(dim=0)
-        dd = _pow2(D, 16, _MAX_BLOCK_D_GRAD_P)
-        _prototype_grad_p_kernel[(triton.cdiv(Q, dq), triton.cdiv(D, dd))](
-            K, c, x, protos, grad_p,
-            N, Q, D,
-            *x.stride(), *protos.stride(),
-            ACC=acc_tl, BLOCK_N=dn, BLOCK_Q=dq, BLOCK_D=dd, num_warps=_NUM_WARPS_DOT, num_stages=_NUM_STAGES_DOT,
-        )
+    if not need_protos:
+        return grad_x, torch.empty((0,), dtype=protos.dtype, device=dev)
+    bn, bq, bd, n_qb, n_db, splits, per = _grad_p_grid(N, Q, D, acc, _native(x.dtype))
+    part = torch.empty((splits, Q, D), dtype=acc, device=dev)
+    _prototype_grad_p_kernel[(n_qb, n_db, splits)](
+        K, c, x, protos, part,
+        N, Q, D, per,
+        *x.stride(), *protos.stride(),
+        ACC=acc_tl, PREC=prec, BLOCK_N=bn, BLOCK_Q=bq, BLOCK_D=bd,
+        num_warps=_NUM_WARPS_DOT, num_stages=_NUM_STAGES_DOT,
+    )
+    grad_p = (part[0] if splits == 1 else part.sum(dim=0)).to(protos.dtype)  # fixed order over S
     return grad_x, grad_p
