@@ -34,6 +34,7 @@ from triton.compiler import ASTSource  # noqa: E402
 import sgg_kernels.triton.cluster as launchers  # noqa: E402
 import sgg_kernels.triton.pairs as pair_launchers  # noqa: E402
 import sgg_kernels.triton.prototypes as proto_launchers  # noqa: E402
+import sgg_kernels.triton._geometry as geometry  # noqa: E402  (register caps per target arch)
 
 LAUNCHER_MODULES = (launchers, pair_launchers, proto_launchers)  # every module whose `_..._kernel` attributes get wrapped
 
@@ -68,8 +69,8 @@ class Recorder:
 
         return Launch()
 
-    def compile(self, fn, args, kwargs, grid):
-        opts = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
+    def compile(self, fn, args, kwargs, grid):  # launch options: num_warps, num_stages, maxnreg
+        opts = {k: kwargs.pop(k) for k in ("num_warps", "num_stages", "maxnreg") if k in kwargs}
         programs = 1
         for g in grid:
             programs *= int(g)
@@ -85,7 +86,7 @@ class Recorder:
             elif isinstance(v, bool):
                 sig[name] = "i1"
             elif isinstance(v, int):
-                if v == 1:  # the JIT specialises 1 to a constant
+                if v == 1 and not param.do_not_specialize:  # the JIT specialises 1 to a constant
                     sig[name], const[name] = "constexpr", 1
                 else:
                     sig[name] = "i32" if -2**31 <= v < 2**31 else "i64"
@@ -207,6 +208,7 @@ def main() -> int:
                 setattr(module, name, rec.wrap(getattr(module, name)))
     for arch in archs:
         rec.arch = arch
+        geometry.ARCH = arch  # the launchers' register caps follow the target (sm_90 only)
         launch_every_size(rec)
     names = ", ".join(f"sm_{a}" for a in archs)
     for w in rec.warnings:

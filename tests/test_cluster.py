@@ -515,8 +515,7 @@ def small_triton_blocks(monkeypatch):
     monkeypatch.setattr(tc, "_BLOCK_M", 16)
     monkeypatch.setattr(tc, "_MAX_BLOCK_C", 16)
     monkeypatch.setattr(tc, "_MAX_BLOCK_D", 16)
-    monkeypatch.setattr(tc, "_MIN_TILES_PER_CHUNK", 2)
-    monkeypatch.setattr(tc, "_TARGET_PROGRAMS", 6)  # 130 points -> 9 tiles -> 3 chunks of 3 tiles per image
+    monkeypatch.setattr(tc, "_MIN_TILES_PER_CHUNK", 3)  # 130 points -> 9 tiles -> 3 chunks of 3 tiles per image
     return tc
 
 
@@ -524,7 +523,7 @@ def small_triton_blocks(monkeypatch):
 def test_triton_multiblock_paths(backend, device, small_triton_blocks):
     require(K["superpixel_cluster"], backend, device)
     n_chunks, per_chunk = small_triton_blocks._chunking(2, 130, 16)
-    assert n_chunks > 1 and per_chunk > 1
+    assert (n_chunks, per_chunk) == (3, 3)
     _check_cosine_assign(backend, device, 2, 130, 37, 40, torch.float32, sigmoid=True, strided=False)
     _check_superpixel(backend, device, 2, 130, 37, 40, torch.float32, sigmoid=True, separate_values=True)
     _check_parity(backend, sk.cluster_aggregate, _aggregate_args(2, 130, 37, 40, torch.float32, device, False), torch.float32)

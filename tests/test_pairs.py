@@ -627,12 +627,12 @@ def test_triton_fusion_multiblock_paths(backend, device, monkeypatch):
     from sgg_kernels.triton import pairs as tp
 
     for name, value in (("_BLOCK_P", 16), ("_BLOCK_P_ROWS", 16), ("_MAX_BLOCK_C", 16), ("_MAX_BLOCK_D", 16),
-                        ("_TARGET_PROGRAMS", 4), ("_MIN_TILES_PER_CHUNK", 1)):
+                        ("_MIN_TILES_PER_CHUNK", 2)):
         monkeypatch.setattr(tp, name, value)
     E, _, _, union, pairs, weight, b = _fusion_args(24, 40, 35, 37, True, True, torch.float32, device, _gen(17), counts=[20, 4])
     assert pairs.shape[0] > 3 * 16 and (pairs[:, 0] == 0).sum() > 16  # several P tiles; a CSR list of > 1 step
-    n_chunks, _ = tp._chunking(pairs.shape[0], 16, 3)
-    assert n_chunks > 1
+    n_chunks, per_chunk = tp._chunking(pairs.shape[0], 16, 3, native=False)
+    assert n_chunks > 1 and per_chunk > 1  # several chunks of several tiles
     fn = lambda E, u, w, b: sk.pairwise_edge_fusion(E[:, :40], E[:, 40:], u, pairs, w, b)  # noqa: E731
     _check_parity(backend, fn, (E, union, weight, b), torch.float32, what="multiblock")
 
@@ -649,7 +649,7 @@ def test_triton_fusion_forward_split_over_d(backend, device, bias, monkeypatch):
         monkeypatch.setattr(tp, name, value)
     _, subj, obj, union, pairs, weight, b = _fusion_args(8, 100, 60, 21, bias, False, torch.float32, device, _gen(18))
     tiles = -(-pairs.shape[0] // tp._BLOCK_P)
-    n_splits, per_split = tp._split_d(tiles, 100, 16)
+    n_splits, per_split = tp._split_d(tiles, 100, 16, tp._CTAS_FORWARD["fp32"])
     assert n_splits > 2 and 100 % per_split != 0, (n_splits, per_split)  # several splits, the last one short
     fn = lambda s, o, u, w, b: sk.pairwise_edge_fusion(s, o, u, pairs, w, b)  # noqa: E731
     args = (subj, obj, union, weight) + ((b,) if bias else ())

@@ -234,7 +234,6 @@ def small_triton_blocks(monkeypatch):
     monkeypatch.setattr(tp, "_BLOCK_D_FIX", 8)
     monkeypatch.setattr(tp, "_MIN_D_PER_SPLIT", 16)
     monkeypatch.setattr(tp, "_MIN_N_PER_SPLIT", 16)
-    monkeypatch.setattr(tp, "_TARGET_PROGRAMS", 64)
     monkeypatch.setattr(tp, "_FP64_SHRINK", 1)
     return tp
 

@@ -328,7 +328,7 @@ def _cosine_assign_kernel(
     tl.store(sim_ptr + b * M + offs_m, sim.to(sim_ptr.dtype.element_ty), mask=mask_m)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_chunks"])  # one compile for 1 and many chunks (1 spilled 16 B in bf16)
 def _cluster_partial_kernel(
     values_ptr, assign_ptr, sim_ptr, part_ptr, part_w_ptr,
     M, C, D, N_DB, n_chunks, TILES_PER_CHUNK,
@@ -356,7 +356,7 @@ def _cluster_partial_kernel(
                         ACC, 1, W_NATIVE, PREC, BLOCK_M, BLOCK_C, BLOCK_D)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_chunks"])  # one compile for 1 and many chunks (1 spilled 16 B in bf16)
 def _superpixel_kernel(
     feats_ptr, centers_ptr, values_ptr, alpha_ptr, beta_ptr, assign_ptr, sim_ptr, part_ptr, part_w_ptr,
     M, C, D, DV, N_DBV, n_chunks, TILES_PER_CHUNK,
@@ -455,7 +455,7 @@ def _cluster_finish_kernel(
     tl.store(out_ptr + (b * C + offs_c[:, None]) * D + offs_d[None, :], num.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_chunks"])  # one compile for 1 and many chunks (1 spilled 16 B in bf16)
 def _cosine_assign_backward_kernel(
     grad_sim_ptr, feats_ptr, centers_ptr, assign_ptr, alpha_ptr, beta_ptr,
     grad_feats_ptr, w_ptr, t_ptr, ab_part_ptr, part_ptr, part_w_ptr,
@@ -618,7 +618,7 @@ def _cluster_dispatch_kernel(
     tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_chunks"])  # one compile for 1 and many chunks (1 spilled 16 B in bf16)
 def _cluster_dispatch_backward_kernel(
     grad_out_ptr, center_out_ptr, assign_ptr, sim_ptr, grad_sim_ptr, part_ptr,
     M, C, D, N_DB, n_chunks, TILES_PER_CHUNK,

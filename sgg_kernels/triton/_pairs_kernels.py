@@ -30,7 +30,8 @@ and benchmarks/NOTES.md, arithmetic only, never measured. e = 4 (float32), int64
 bytes (floors.py's "MB"); times at the H100 datasheet's 3.35 TB/s, tf32x3 ~165 TFLOP/s. Sizes
 (bench/cases/pairs.py, subj/obj the halves of E1 [K, 2D], Du = D, with bias): paper K = 100,
 P = 2,400, D = 4,096, C = 51; sgdet K = 320, P = 25,280. fp32 geometry (triton/pairs.py): BLOCK_C 64
-(C = 51 padded: 64/51 of the dot FLOPs), BLOCK_D 32, BLOCK_P 64 (forward) / 32 (backward).
+(C = 51 padded: 64/51 of the dot FLOPs), BLOCK_D 32, BLOCK_P 64 (forward) / 32 (d weight) / 16
+(d subj, d obj, d union).
 The op's backward floor, and what the four backward launches move in all: triton/pairs.py.
 """
 from __future__ import annotations
@@ -130,8 +131,9 @@ def _fusion_forward_kernel(
     (union 37.5), 1.02 GFLOP; sgdet: 411 MiB (union 395), 10.8 GFLOP. Bound: memory (13 / 129 us;
     the tf32x3 dots 6.2 / 65 us: 23-25 FLOP/B against a ~49 FLOP/B ridge). This kernel: union read
     once; subj/obj rows gathered per pair and W re-read per pair tile, from L2 (E1 3.1 / 10 MiB);
-    1.27 / 13.2 GFLOP executed (C padded: 7.7 / 80 us); paper's 7 D splits add ACC partials
-    7 P C (3.3 MiB, written, summed by torch): ~1.2x the floor's bytes at paper, 1x at sgdet."""
+    1.27 / 13.2 GFLOP executed (C padded: 7.7 / 80 us); the D splits (paper 13, sgdet 2) add ACC
+    partials n P C (6.1 / 9.8 MiB, written, summed by torch): ~1.3x the floor's bytes at paper
+    (with E1 and W from L2), ~1x at sgdet."""
     offs_p = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     split = tl.program_id(2)
@@ -176,7 +178,7 @@ def _fusion_dweight_kernel(
     Floor share: d weight and d bias written once (C (D + 1) e, 0.8 MiB); 2 P C D (d W) + P C
     (d bias) + P (D + Du) (g recomputed) FLOPs. This kernel: union read once (the floor's one
     read of it), subj/obj rows gathered from L2, G re-read by each of the D / 32 = 128 D blocks
-    (L2: 60 / 630 MiB of L2 reads), 3 chunks of partials (2.4 MiB, summed by torch); its dot
+    (L2: 60 / 630 MiB of L2 reads), 4 chunks of partials (3.2 MiB, summed by torch); its dot
     executes 2 P 64 D = 1.26 / 13.3 GFLOP (7.6 / 80 us at tf32x3): memory-bound on union.
     """
     pid_d = tl.program_id(0)
@@ -234,8 +236,8 @@ def _fusion_drows_kernel(
     multiplies + P D adds. This kernel also reads union once per launch (the floor reads it once in
     the whole backward: each of the two launches adds 1x the floor on union, 37.5 / 395 MiB),
     gathers the other rows from L2, re-reads G rows and W blocks per (row, D block) from L2, and
-    recomputes dg = G W (the floor counts it once): pairs in steps of 32 (24 / 79 per row) and C
-    padded, 1.68 / 16.1 GFLOP per launch (10 / 98 us at tf32x3): memory-bound on union.
+    recomputes dg = G W (the floor counts it once): pairs in steps of 16 (fp32; 24 / 79 per row)
+    and C padded, 1.68 / 13.4 GFLOP per launch (10 / 81 us at tf32x3): memory-bound on union.
     """
     k = tl.program_id(0).to(tl.int64)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)

@@ -67,6 +67,7 @@ from ._cluster_kernels import (
     _cosine_assign_kernel,
     _superpixel_kernel,
 )
+from ._geometry import register_cap, split_work
 
 # ---------------------------------------------------------------------------------------------
 # Configuration: one fixed config (the interpreter cannot autotune). Chosen by compiling every
@@ -84,13 +85,17 @@ _MAX_BLOCK_D = 16
 _MAX_BLOCK_D_FP64 = 16
 _NUM_WARPS_DOT = 8  # kernels with tl.dot (assign, cluster sums)
 _NUM_WARPS_DOT_FP64 = 8  # 4 warps spilled more (20-28 B at 255 registers)
+_MAXNREG = 128  # dot kernels, fp32 accumulation: 2 CTAs of 8 warps per SM (65,536 registers)
 _NUM_WARPS_POINT = 4  # per-point gathers (aggregate backward, dispatch) and the finish kernel
-# Chunked kernels: 4 x 132 programs = two waves at the 2 CTAs/SM the 96-128-register kernels fit
-# (four at 1 CTA/SM); paper: 16 images x 32 chunks = 512, sgdet: 32 x 17 = 544. Fixed (not the
-# device present) so the chunking, and so the summation order, depends on the shapes only.
-_TARGET_PROGRAMS = 4 * 132
+# Chunked kernels (cluster sums, superpixel, both backwards): the CTAs per SM their sm_90 compiles
+# fit (72-121 registers at 8 warps, _dot_opts), which sets the wave the chunking fills (_chunking).
+# A constant (not the device present), so the chunking, and the summation order, depend on the
+# shapes only.
+_CTAS_CHUNKED = 2
+_CHUNK_COST = 4  # a chunk's [C, D] ACC partial, written and summed, in point tiles read (64 x 64 x 4 x 2 B / 32 x 64 x 4 B)
 _MIN_TILES_PER_CHUNK = 4  # a chunk's [C, D] partial should cost much less than reading its points
-_NUM_STAGES = 2
+_NUM_STAGES = 2  # the assignment (one pass over its point tile)
+_NUM_STAGES_CHUNKED = 1  # loops over a chunk's tiles (see _dot_opts)
 
 
 def _interpret() -> bool:
@@ -113,6 +118,22 @@ def _warps_dot(acc: torch.dtype) -> int:
     return _NUM_WARPS_DOT_FP64 if acc == torch.float64 else _NUM_WARPS_DOT
 
 
+def _dot_opts(acc: torch.dtype, device: torch.device, block_c: int, chunked: bool = False) -> dict:
+    """Launch options of the dot kernels: 8 warps; 2 stages for the assignment, 1 for the chunked
+    loops (``chunked``: cluster sums, superpixel, both backwards) when capped; on sm_90, fp32 accumulation and
+    full center blocks (BLOCK_C = 64: the benchmark sizes), at most _MAXNREG registers so two
+    8-warp CTAs fit an SM (:func:`register_cap`). Uncapped and pipelined, the fp32 cluster sums
+    and the assign backward took 142 registers (1 CTA/SM); capped at 128 with 2 stages they
+    spilled 8-12 B; with 1 stage they fit in 96-121 with no spill (.ci/check_triton_compile.py,
+    which fails on any spill; at BLOCK_C = 32 the capped fp16/bf16 assign backward spilled 16-20 B,
+    so smaller blocks run uncapped). Two resident CTAs of 8 warps hide the tiles' load latency
+    that software pipelining hid before."""
+    cap = register_cap(_MAXNREG, device) if acc != torch.float64 and block_c == _MAX_BLOCK_C else {}
+    # 1 stage only under the cap: uncapped (sm_80, small C blocks) 1 stage spilled 4-32 B where 2 did not
+    stages = _NUM_STAGES_CHUNKED if chunked and cap else _NUM_STAGES
+    return {"num_warps": _warps_dot(acc), "num_stages": stages, **cap}
+
+
 def _block_m(acc: torch.dtype) -> int:
     return _BLOCK_M_FP64 if acc == torch.float64 else _BLOCK_M
 
@@ -122,12 +143,11 @@ def _block_d(D: int, acc: torch.dtype) -> int:
 
 
 def _chunking(B: int, M: int, block_m: int) -> Tuple[int, int]:
-    """(n_chunks, tiles_per_chunk): B * n_chunks programs fill ~_TARGET_PROGRAMS, each chunk at
-    least _MIN_TILES_PER_CHUNK tiles; a function of the shapes alone (determinism)."""
-    n_tiles = triton.cdiv(M, block_m)
-    want = max(1, triton.cdiv(_TARGET_PROGRAMS, max(B, 1)))
-    per_chunk = max(_MIN_TILES_PER_CHUNK, triton.cdiv(n_tiles, want))
-    return triton.cdiv(n_tiles, per_chunk), per_chunk
+    """(n_chunks, tiles_per_chunk) of the chunked kernels' grid ``(B * n_chunks,)``: the split of
+    each image's point tiles that fills whole waves at _CTAS_CHUNKED CTAs/SM (:func:`split_work`;
+    paper: 16 images x 32 chunks of 6 tiles = 512 programs, sgdet: 32 x 16 chunks of 48 = 512),
+    each chunk at least _MIN_TILES_PER_CHUNK tiles; a function of the shapes alone (determinism)."""
+    return split_work(B, triton.cdiv(M, block_m), _CTAS_CHUNKED, _MIN_TILES_PER_CHUNK, split_cost=_CHUNK_COST)
 
 
 def _half_dot(*dtypes: torch.dtype) -> bool:
@@ -187,7 +207,7 @@ def cosine_assign(feats: Tensor, centers: Tensor, alpha: Optional[Tensor] = None
         M, C, D, *feats.stride(), *centers.stride(),
         ACC=acc_tl, SIGMOID=sigmoid, DOT_NATIVE=_half_dot(feats.dtype, centers.dtype), PREC=dot_precision(acc),
         BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_D=block_d,
-        num_warps=_warps_dot(acc), num_stages=_NUM_STAGES,
+        **_dot_opts(acc, feats.device, block_c),
     )
     return assign, sim
 
@@ -225,7 +245,7 @@ def cosine_assign_backward(grad_sim: Tensor, feats: Tensor, centers: Tensor, ass
         M, C, D, max(1, triton.cdiv(D, block_d)), n_chunks, per_chunk,
         *grad_sim.stride(), *feats.stride(), *centers.stride(), *assign.stride(),
         ACC=acc_tl, SIGMOID=sigmoid, PREC=dot_precision(acc), BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_D=block_d,
-        num_warps=_warps_dot(acc), num_stages=_NUM_STAGES,
+        **_dot_opts(acc, feats.device, block_c, chunked=True),
     )
     S = torch.empty((B, C, D), dtype=acc, device=dev)
     T = torch.empty((B, C), dtype=acc, device=dev)
@@ -270,7 +290,7 @@ def cluster_aggregate(values: Tensor, assign: Tensor, sim: Tensor, value_centers
         *values.stride(), *assign.stride(), *sim.stride(),
         ACC=acc_tl, W_NATIVE=_half_dot(values.dtype, sim.dtype), PREC=dot_precision(acc),
         BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_D=block_d,
-        num_warps=_warps_dot(acc), num_stages=_NUM_STAGES,
+        **_dot_opts(acc, values.device, block_c, chunked=True),
     )
     out = torch.empty((B, C, D), dtype=values.dtype, device=values.device)
     den = torch.empty((B, C), dtype=values.dtype, device=values.device)
@@ -332,7 +352,7 @@ def superpixel_cluster(feats: Tensor, centers: Tensor, values: Tensor, value_cen
         ACC=acc_tl, SIGMOID=sigmoid, DOT_NATIVE=_half_dot(feats.dtype, centers.dtype),
         W_NATIVE=_half_dot(values.dtype, sim.dtype), PREC=dot_precision(acc),
         BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_D=block_d, BLOCK_DV=block_dv,
-        num_warps=_warps_dot(acc), num_stages=_NUM_STAGES,
+        **_dot_opts(acc, feats.device, block_c, chunked=True),
     )
     out = torch.empty((B, C, DV), dtype=values.dtype, device=dev)
     den = torch.empty((B, C), dtype=values.dtype, device=dev)
@@ -385,7 +405,7 @@ def cluster_dispatch_backward(grad_out: Tensor, center_out: Tensor, assign: Tens
         *grad_out.stride(), *center_out.stride(), *assign.stride(), *sim.stride(),
         ACC=acc_tl, W_NATIVE=_half_dot(grad_out.dtype, sim.dtype), PREC=dot_precision(acc),
         BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_D=block_d,
-        num_warps=_warps_dot(acc), num_stages=_NUM_STAGES,
+        **_dot_opts(acc, center_out.device, block_c, chunked=True),
     )
     grad_center = torch.empty((B, C, D), dtype=center_out.dtype, device=dev)
     _finish(part, None, None, grad_center, None, acc_tl, add_center=False, divide=False, store_w=False)

@@ -54,6 +54,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .._backend import dot_precision
+from ._geometry import register_cap, split_work
 from ._pairs_kernels import (
     _fusion_drows_kernel,
     _fusion_dunion_kernel,
@@ -70,21 +71,33 @@ from ._pairs_kernels import (
 # d weight / CSR loops remove every spill at these sizes.
 # ---------------------------------------------------------------------------------------------
 _BLOCK_P = 64  # pairs per tile: forward, d weight, d union
-_BLOCK_P_ROWS = 32  # pairs per step of one row's CSR list (d subj / d obj): ~24-80 pairs per box
+_BLOCK_P_ROWS = 16  # pairs per step of one row's CSR list (d subj / d obj): ~24-80 pairs per box;
+# fp32 at 32 took 249-253 registers at 8 warps (1 CTA/SM), at 16 with 4 warps 135-165 (3 CTAs/SM)
 _BLOCK_P_ROWS_NATIVE = 16  # fp16/bf16: 32 spilled 16 B on sm_80 (fp32 spills at 16 instead)
 _MAX_BLOCK_C = 64  # C = 51 is one block
 _MAX_BLOCK_D = 64
 _BLOCK_P_FP64 = 32  # fp64 tiles are twice the bytes
-_BLOCK_P_DUNION_FMA = 32  # fp32/fp64 d union: BLOCK_P = 64 spilled 32 B on sm_80 (tf32x3 on mma.sync)
+_BLOCK_P_DUNION_FMA = 16  # fp32/fp64 d union: 64 spilled 32 B on sm_80 (tf32x3 on mma.sync); 32 took
+# 254 registers at 8 warps (1 CTA/SM) and spilled 60 B at 4; 16 at 4 warps: 128 (4 CTAs/SM)
+_BLOCK_P_DWEIGHT_NATIVE = 32  # fp16/bf16 d weight under the 128-register cap (sm_90): 64 spilled 8 B there
 _BLOCK_P_DWEIGHT_FMA = 32  # d weight's dot reduces over pairs: a shorter reduction for the FMA (fp32/fp64) dot
 _MAX_BLOCK_D_FP64 = 32
 _MAX_BLOCK_D_FP32 = 32  # fp32 tf32x3 dots hold each operand as two TF32 halves: BLOCK_D = 64 spilled at C < 32
 _BLOCK_D_DWEIGHT_FP64 = 16  # fp64 d weight spilled 16 B at BLOCK_D = 32
-_NUM_WARPS = 8
+_NUM_WARPS = 8  # forward and d weight (GEMM tiles)
+_NUM_WARPS_GATHER = 4  # d subj/obj, fp32/fp64 d union: small dg tiles per program, many programs
+# (fp16/bf16 d union keeps 8: its 64-pair tile spilled 116-348 B at 4 warps at odd sizes)
+_MAXNREG_FORWARD = 128  # fp32 forward: 130-136 registers at 8 warps held it to 1 CTA/SM; 128 -> 2, no spill
+_MAXNREG_DWEIGHT = 128  # d weight: fp16/bf16 took 170-206 registers at 8 warps (1 CTA/SM)
 _NUM_STAGES = 2  # forward and d union
 _NUM_STAGES_LOOP = 1  # d weight and d subj/obj: their pipelined variants spilled
-_SMS = 132  # an H100/H200's SMs
-_TARGET_PROGRAMS = 2 * _SMS  # d weight: two waves of an H100's 132 SMs; fixed so chunking depends on shapes only
+# Resident CTAs per SM of the sm_90 compiles (check_triton_compile.py), which set the waves the
+# split reductions fill (_geometry.split_work); constants, so the splits depend on shapes only.
+# forward: fp32 128 registers (capped), fp64 ~110; fp16/bf16 56-96 (2-4 CTAs): the most, so that
+# no variant runs under one wave
+_CTAS_FORWARD = {"fp32": 2, "native": 4, "fp64": 2}
+_CTAS_DWEIGHT = 2  # fp32 111-122 registers at 8 warps
+_CTAS_DWEIGHT_NATIVE = 2  # fp16/bf16 122-128 (capped; 170-206 uncapped)
 _MIN_TILES_PER_CHUNK = 2  # a chunk's [C, BLOCK_D] partial should cost much less than its g tiles
 _MIN_D_PER_SPLIT = 256  # forward split over D: each split reads >= 256 columns of g per pair tile
 
@@ -111,12 +124,16 @@ def _blocks(C: int, D: int, acc: torch.dtype, native: bool) -> Tuple[int, int, i
     return block_p, _pow2(C, _MAX_BLOCK_C), _pow2(D, cap_d)
 
 
-def _forward_target(acc: torch.dtype, native: bool) -> int:
-    """Programs the forward aims for: two waves at the CTAs per SM its variant fits on sm_90
-    (check_triton_compile.py: fp32 ~230 registers at 8 warps -> 1 CTA/SM; fp64 ~110 -> 2;
-    fp16/bf16 56-97 -> 2-4)."""
-    per_sm = 4 if native else (2 if acc == torch.float64 else 1)
-    return 2 * per_sm * _SMS
+def _maxnreg(acc: torch.dtype, cap: int, device: torch.device, block_c: int) -> dict:
+    """A register cap (:func:`register_cap`: sm_90 only) for fp32 accumulation and full C blocks
+    (BLOCK_C = 64, the benchmark sizes: at 16 the capped forward spilled 24 B); fp64, the
+    gradcheck dtype, runs uncapped."""
+    return register_cap(cap, device) if acc == torch.float32 and block_c == _MAX_BLOCK_C else {}
+
+
+def _variant(acc: torch.dtype, native: bool) -> str:
+    """The key of the CTAs-per-SM tables: "fp64", "native" (fp16/bf16 dots) or "fp32"."""
+    return "fp64" if acc == torch.float64 else ("native" if native else "fp32")
 
 
 def _native(dtype: torch.dtype) -> bool:
@@ -124,13 +141,13 @@ def _native(dtype: torch.dtype) -> bool:
     return (not _interpret()) and dtype in (torch.float16, torch.bfloat16)
 
 
-def _chunking(P: int, block_p: int, n_db: int) -> Tuple[int, int]:
-    """(n_chunks, tiles_per_chunk) of the d weight grid ``(n_db, n_chunks)``: ~_TARGET_PROGRAMS
-    programs, each chunk at least _MIN_TILES_PER_CHUNK tiles; a function of the shapes alone."""
-    n_tiles = triton.cdiv(P, block_p)
-    want = max(1, triton.cdiv(_TARGET_PROGRAMS, n_db))
-    per_chunk = max(_MIN_TILES_PER_CHUNK, triton.cdiv(n_tiles, want))
-    return triton.cdiv(n_tiles, per_chunk), per_chunk
+def _chunking(P: int, block_p: int, n_db: int, native: bool) -> Tuple[int, int]:
+    """(n_chunks, tiles_per_chunk) of the d weight grid ``(n_db, n_chunks)``: the split of the
+    pair tiles that fills whole waves at the CTAs/SM of the d weight compile (:func:`split_work`;
+    paper fp32: 128 D blocks x 4 chunks of 19 tiles = 512 programs), each chunk at least
+    _MIN_TILES_PER_CHUNK tiles; a function of the shapes alone."""
+    ctas = _CTAS_DWEIGHT_NATIVE if native else _CTAS_DWEIGHT
+    return split_work(n_db, triton.cdiv(P, block_p), ctas, _MIN_TILES_PER_CHUNK)
 
 
 def _union_args(union: Optional[Tensor], like: Tensor) -> Tuple[Tensor, int, int]:
@@ -158,7 +175,7 @@ def pairwise_edge_fusion(subj: Tensor, obj: Tensor, union: Optional[Tensor], pai
     u, du, s_up = _union_args(union, subj)
     has_bias = bias is not None
     tiles = triton.cdiv(P, block_p) * triton.cdiv(C, block_c)
-    n_splits, d_per_split = _split_d(tiles, D, block_d, _forward_target(acc, native))
+    n_splits, d_per_split = _split_d(tiles, D, block_d, _CTAS_FORWARD[_variant(acc, native)])
     grid = (triton.cdiv(P, block_p), triton.cdiv(C, block_c), n_splits)
     # One split: the logits directly. Several: ACC partials [n_splits, P, C], summed over splits in
     # a fixed order (deterministic) and the bias added once.
@@ -169,7 +186,7 @@ def pairwise_edge_fusion(subj: Tensor, obj: Tensor, union: Optional[Tensor], pai
         subj.stride(0), obj.stride(0), s_up, *pairs.stride(), weight.stride(0),
         ACC=acc_tl, HAS_UNION=union is not None, HAS_BIAS=has_bias and n_splits == 1, DOT_NATIVE=native,
         PREC=dot_precision(acc), BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_D=block_d,
-        num_warps=_NUM_WARPS, num_stages=_NUM_STAGES,
+        num_warps=_NUM_WARPS, num_stages=_NUM_STAGES, **_maxnreg(acc, 0 if native else _MAXNREG_FORWARD, subj.device, block_c),
     )
     if n_splits > 1:
         logits = dest.sum(dim=0)
@@ -179,16 +196,16 @@ def pairwise_edge_fusion(subj: Tensor, obj: Tensor, union: Optional[Tensor], pai
     return out
 
 
-def _split_d(tiles: int, D: int, block_d: int, target: int = _TARGET_PROGRAMS) -> Tuple[int, int]:
-    """(n_splits, d_per_split) of the forward's reduction over D: enough (P, C) tiles x splits for
-    ``target`` programs (two waves) when the pair tiles alone are fewer (paper, fp32: 38 tiles -> 7
-    splits of 608 columns), each split at least _MIN_D_PER_SPLIT wide so its [P, C] partial stays small next to
-    the g tiles it reads (paper: 7 x 2,400 x 51 x 4 B = 3.3 MiB against the 41.9 MiB floor). A
-    function of the shapes alone (determinism)."""
+def _split_d(tiles: int, D: int, block_d: int, ctas: int) -> Tuple[int, int]:
+    """(n_splits, d_per_split) of the forward's reduction over D: the split that fills whole waves
+    at ``ctas`` CTAs/SM (:func:`split_work`; paper fp32: 38 (P, C) tiles x 13 splits of 320
+    columns = 494 programs, 1.87 waves: two full rounds; two waves would need 3 rounds, 1.2x
+    slower in the model), each split at least _MIN_D_PER_SPLIT wide so its [P, C] partial stays
+    small next to the g tiles it reads (paper: 13 x 2,400 x 51 x 4 B = 6.1 MiB written and summed,
+    against the 41.9 MiB floor). A function of the shapes alone (determinism)."""
     n_db = max(1, triton.cdiv(D, block_d))
-    want = min(triton.cdiv(target, max(tiles, 1)), max(1, D // _MIN_D_PER_SPLIT))
-    per_split = triton.cdiv(n_db, max(want, 1)) * block_d
-    return max(1, triton.cdiv(D, per_split)), per_split
+    n, per = split_work(tiles, n_db, ctas, triton.cdiv(_MIN_D_PER_SPLIT, block_d))
+    return n, per * block_d
 
 
 def _csr(key: Tensor, K: int) -> Tuple[Tensor, Tensor]:
@@ -227,10 +244,13 @@ def pairwise_edge_fusion_backward(grad: Tensor, subj: Tensor, obj: Tensor, union
     s_pp, s_pc = pairs.stride()
 
     # d weight, d bias: per-chunk partials, summed over chunks by torch (fixed order).
-    block_p_dw = block_p if native else max(16, min(block_p, _BLOCK_P_DWEIGHT_FMA))
+    cap_dw = _maxnreg(acc, _MAXNREG_DWEIGHT, subj.device, block_c)
+    # fp16/bf16: 32-pair tiles under the cap (sm_90), 64 uncapped (32 spilled 8-20 B there); the
+    # tile only groups the pairs of a chunk's dot, and native dots never run in the interpreter
+    block_p_dw = max(16, min(block_p, (_BLOCK_P_DWEIGHT_NATIVE if cap_dw else block_p) if native else _BLOCK_P_DWEIGHT_FMA))
     block_d_dw = min(block_d, _BLOCK_D_DWEIGHT_FP64) if acc == torch.float64 else block_d
     n_db = max(1, triton.cdiv(D, block_d_dw))
-    n_chunks, per_chunk = _chunking(P, block_p_dw, n_db)
+    n_chunks, per_chunk = _chunking(P, block_p_dw, n_db, native)
     part = torch.empty((n_chunks, C, D), dtype=acc, device=dev)
     part_b = torch.empty((n_chunks, C), dtype=acc, device=dev) if has_bias else part
     _fusion_dweight_kernel[(n_db, n_chunks)](
@@ -239,7 +259,7 @@ def pairwise_edge_fusion_backward(grad: Tensor, subj: Tensor, obj: Tensor, union
         s_gp, s_gc, subj.stride(0), obj.stride(0), s_up, s_pp, s_pc,
         ACC=acc_tl, HAS_UNION=has_union, HAS_BIAS=has_bias, DOT_NATIVE=native, PREC=dot_precision(acc),
         BLOCK_P=block_p_dw, BLOCK_C=block_c, BLOCK_D=block_d_dw,
-        num_warps=_NUM_WARPS, num_stages=_NUM_STAGES_LOOP,
+        num_warps=_NUM_WARPS, num_stages=_NUM_STAGES_LOOP, **cap_dw,
     )
     d_weight = part.sum(dim=0).to(weight.dtype)
     d_bias = part_b.sum(dim=0).to(weight.dtype) if has_bias else subj.new_empty((0,))
@@ -258,7 +278,7 @@ def pairwise_edge_fusion_backward(grad: Tensor, subj: Tensor, obj: Tensor, union
                 s_gp, s_gc, other.stride(0), s_up, s_pp, s_pc, weight.stride(0),
                 OTHER_COL=1 - self_col, ACC=acc_tl, HAS_UNION=has_union, DOT_NATIVE=native, PREC=dot_precision(acc),
                 BLOCK_P=block_rows, BLOCK_C=block_c, BLOCK_D=block_d,
-                num_warps=_NUM_WARPS, num_stages=_NUM_STAGES_LOOP,
+                num_warps=_NUM_WARPS_GATHER, num_stages=_NUM_STAGES_LOOP,
             )
 
     if has_union and du > 0:
@@ -269,7 +289,7 @@ def pairwise_edge_fusion_backward(grad: Tensor, subj: Tensor, obj: Tensor, union
             s_gp, s_gc, subj.stride(0), obj.stride(0), s_pp, s_pc, weight.stride(0),
             ACC=acc_tl, DOT_NATIVE=native, PREC=dot_precision(acc),
             BLOCK_P=block_p_du, BLOCK_C=block_c, BLOCK_D=_pow2(du, block_d),
-            num_warps=_NUM_WARPS, num_stages=_NUM_STAGES,
+            num_warps=_NUM_WARPS if native else _NUM_WARPS_GATHER, num_stages=_NUM_STAGES,
         )
     return d_subj, d_obj, d_union, d_weight, d_bias
 

@@ -37,7 +37,8 @@ import triton
 from torch import Tensor
 
 from .._backend import dot_precision
-from .pairs import _acc, _native
+from ._geometry import split_work
+from .pairs import _acc, _native, _variant
 from ._prototypes_kernels import (
     _prototype_dot_kernel,
     _prototype_finish_kernel,
@@ -54,15 +55,17 @@ from ._prototypes_kernels import (
 #   kernel), 32 columns a step. 64-row tiles took 214 registers in fp32 (2 CTAs/SM) and spilled
 #   84 B on sm_80. D is split so that the grid reaches two waves at the CTAs per SM the variant
 #   fits (_CTAS_DOT); the price is the S partials of [N, Q] (written once, read by the sq kernel).
-#   paper: 75 row tiles x 11 splits of 384 columns = 825 programs (fp32, 2.1 waves at 3 CTAs/SM);
-#   fp16/bf16 x 16 splits of 256 (capped by _MIN_D_PER_SPLIT: 1.3 waves at 7 CTAs/SM, partials
-#   16 x 0.49 MB each way against 19.7 MB of x). sgdet: 790 row tiles x 2 (fp32) / 3 splits.
+#   The split count is _geometry.split_work's (whole waves; a split's partial costs 4 (fp32) / 8
+#   (fp16/bf16) steps in its model). paper: 75 row tiles x 10 splits of 416 columns = 750
+#   programs (fp32, 1.89 waves at 3 CTAs/SM: two rounds); fp16/bf16 x 16 splits of 256 (capped by
+#   _MIN_D_PER_SPLIT: 1.3 waves at 7 CTAs/SM, partials 16 x 0.49 MB each way against 19.7 MB of
+#   x). sgdet: 790 row tiles x 1 (fp32: 1.99 waves) / 2 splits (fp16/bf16: 1.71 waves).
 # - sq and finish: [8, 64] tiles, elementwise on [N, Q] (0.5 MB at paper) plus the rare
 #   recompute (32 columns a step); not hot (300 programs at paper, 3,160 at sgdet).
 # - grad x: [32, 32] output tiles, the dot over Q (paper: 75 x 128 = 9,600 programs).
 # - grad P: [64, 32] output tiles (Q = 51: one block; 128 column tiles at D = 4096), its reduction
-#   over N split for two waves at _CTAS_GRAD_P (paper: 10 splits of 256 rows, 1,280 programs,
-#   1.9 waves at 5 CTAs/SM; partials 10 x 0.8 MB; sgdet: 11 splits).
+#   over N split for whole waves at _CTAS_GRAD_P (paper: 10 splits of 256 rows, 1,280 programs,
+#   1.94 waves at 5 CTAs/SM; partials 10 x 0.8 MB; sgdet: 10 splits of 2,528 rows).
 # ---------------------------------------------------------------------------------------------
 _BLOCK_N = 32  # rows of x per GEMM tile (dot kernel, grad x tile, grad P reduction step)
 _MAX_BLOCK_Q = 64  # prototypes per GEMM and finish tile
@@ -71,8 +74,8 @@ _BLOCK_N_FINISH = 8  # rows per finish tile
 _BLOCK_D_FIX = 32  # columns per step of the exact recompute
 _MIN_D_PER_SPLIT = 256  # a D split of the dot kernel is at least this many columns
 _MIN_N_PER_SPLIT = 256  # an N split of grad P is at least this many rows
-_TARGET_PROGRAMS = 2 * 132  # two waves of one CTA per SM on an H100/H200 (132 SMs), times the CTAs/SM:
-# resident CTAs per SM of the sm_90 compiles (check_triton_compile.py), by variant
+# resident CTAs per SM of the sm_90 compiles (check_triton_compile.py), by variant: the waves the
+# D split (dot) and the N split (grad P) fill (_geometry.split_work)
 _CTAS_DOT = {"fp32": 3, "native": 7, "fp64": 4}
 _CTAS_GRAD_P = {"fp32": 5, "native": 5, "fp64": 7}
 _TAU = 1.0 / 64  # recompute s exactly where s < _TAU (|x|^2 + |p|^2) (kernels module: error bound)
@@ -87,10 +90,6 @@ def _pow2(n: int, lo: int, cap: int) -> int:
     return max(lo, min(triton.next_power_of_2(max(int(n), 1)), cap))
 
 
-def _variant(acc: torch.dtype, native: bool) -> str:
-    return "fp64" if acc == torch.float64 else ("native" if native else "fp32")
-
-
 def _gemm_blocks(Q: int, acc: torch.dtype) -> Tuple[int, int, int]:
     """(BLOCK_N, BLOCK_Q, BLOCK_D) of the GEMM kernels (dot, grad x, grad P)."""
     shrink = _FP64_SHRINK if acc == torch.float64 else 1
@@ -102,22 +101,25 @@ def _finish_blocks(Q: int) -> Tuple[int, int, int]:
     return _BLOCK_N_FINISH, _pow2(Q, 16, _MAX_BLOCK_Q), _BLOCK_D_FIX
 
 
-def _split(extent: int, tiles: int, block: int, minimum: int, ctas: int) -> Tuple[int, int]:
+def _split(extent: int, tiles: int, block: int, minimum: int, ctas: int, split_cost: float = 1.0) -> Tuple[int, int]:
     """(splits, extent per split) of a reduction over ``extent`` with ``tiles`` programs per split:
-    enough splits for _TARGET_PROGRAMS * ctas programs (two waves at ``ctas`` CTAs per SM), each
-    split at least ``minimum`` long and a multiple of ``block`` (shapes only: the summation order
-    never depends on the device)."""
-    target = _TARGET_PROGRAMS * ctas
-    want = max(1, min(triton.cdiv(target, max(tiles, 1)), triton.cdiv(extent, max(minimum, block))))
-    per = max(block, triton.cdiv(triton.cdiv(extent, want), block) * block)
-    return max(1, triton.cdiv(extent, per)), per
+    the split that fills whole waves at ``ctas`` CTAs per SM (:func:`split_work`), each split at
+    least ``minimum`` long and a multiple of ``block`` (shapes only: the summation order never
+    depends on the device); ``split_cost``: a split's partial, in reduction steps."""
+    n, per = split_work(tiles, triton.cdiv(max(extent, 1), block), ctas, triton.cdiv(minimum, block),
+                        split_cost=split_cost)
+    return n, per * block
 
 
 def _dot_grid(N: int, Q: int, D: int, acc: torch.dtype, native: bool):
     """(BLOCK_N, BLOCK_Q, BLOCK_D, n_row_tiles, n_q_blocks, d_splits, d_per_split) of the dot kernel."""
     bn, bq, bd = _gemm_blocks(Q, acc)
     n_nb, n_qb = triton.cdiv(N, bn), triton.cdiv(Q, bq)
-    splits, per = _split(D, n_nb * n_qb, bd, _MIN_D_PER_SPLIT, _CTAS_DOT[_variant(acc, native)])
+    # a split writes an ACC [bn, bq] partial that the sq kernel reads back: 2 bq 4 / (bd e) steps
+    # of bn rows x bd input columns (fp32: 4, fp16/bf16: 8; the S partial bytes against x's)
+    elem = 2 if native else (8 if acc == torch.float64 else 4)
+    cost = 2 * bq * (8 if acc == torch.float64 else 4) / (bd * elem)
+    splits, per = _split(D, n_nb * n_qb, bd, _MIN_D_PER_SPLIT, _CTAS_DOT[_variant(acc, native)], cost)
     return bn, bq, bd, n_nb, n_qb, splits, per
 
 
