@@ -356,26 +356,27 @@ at::Tensor gather_mean_cuda(const at::Tensor& feats, const at::Tensor& index) {
   return out;
 }
 
-// One row (b, m) per threadIdx.y, threadIdx.x walks D. sorted_keys[N] = b*M + index of entry
-// perm[e] (invalid entries: B*M, sorted last); the stable sort keeps each row's entries in
-// ascending (c, t) order, so every row is summed in a fixed order (deterministic, and the order of
-// the reference's scatter_add).
+// One row (b, m) per threadIdx.y, threadIdx.x walks D. Row r's entries are perm[offsets[r] ..
+// offsets[r + 1]) of the key sort below (offsets: one searchsorted over the sorted keys, computed
+// once on the device by the launcher instead of two binary searches by each of the row's threads);
+// the stable sort keeps each row's entries in ascending (c, t) order, so every row is summed in a
+// fixed order (deterministic, and the order of the reference's scatter_add). grad_row[e] =
+// perm[e] / k, the grad row of entry e (also precomputed: no int64 division in the D loop).
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kRowThreads)
-    gather_mean_backward_kernel(const scalar_t* __restrict__ grad, const int64_t* __restrict__ sorted_keys,
-                                const int64_t* __restrict__ perm, int64_t N, int64_t R, int64_t D, int64_t k,
+    gather_mean_backward_kernel(const scalar_t* __restrict__ grad, const int64_t* __restrict__ offsets,
+                                const int64_t* __restrict__ grad_row, int64_t R, int64_t D, int64_t k,
                                 scalar_t* __restrict__ out) {
   const int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;  // b * M + m
   if (r >= R) return;  // no block-wide sync below
-  const int64_t begin = lower_bound(sorted_keys, 0, N, r);
-  const int64_t end = lower_bound(sorted_keys, begin, N, r + 1);
+  const int64_t begin = offsets[r];
+  const int64_t end = offsets[r + 1];
   const acc_t kf = static_cast<acc_t>(k);
   for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
     // grad feats[b,m] = sum_{(c,t): index[b,c,t]=m} G[b,c] / k
     acc_t acc = 0;
     for (int64_t e = begin; e < end; ++e) {
-      const int64_t row = perm[e] / k;  // entry p = (b*C + c)*k + t -> grad row b*C + c
-      acc += static_cast<acc_t>(grad[row * D + d]) / kf;
+      acc += static_cast<acc_t>(grad[grad_row[e] * D + d]) / kf;
     }
     out[r * D + d] = static_cast<scalar_t>(acc);
   }
@@ -413,9 +414,15 @@ at::Tensor gather_mean_backward_cuda(const at::Tensor& grad, const at::Tensor& i
   const at::Tensor row_base = at::arange(B, idx.options()).mul_(M).unsqueeze(1);  // [B, 1]: b*M
   const at::Tensor keys = at::where(valid, idx.clamp(0, M - 1).add(row_base), at::Scalar(R)).reshape({-1});
   auto sorted = at::sort(keys, std::optional<bool>(true), /*dim=*/0, /*descending=*/false);
-  const at::Tensor sorted_keys = std::get<0>(sorted).contiguous();
-  const at::Tensor perm = std::get<1>(sorted).contiguous();
-  const int64_t N = keys.numel();
+  const at::Tensor& sorted_keys = std::get<0>(sorted);
+  // offsets[r] = first e with sorted_keys[e] >= r (r = 0 .. R; the invalid entries, key R, lie at
+  // and after offsets[R]): row r's entries are [offsets[r], offsets[r + 1]). One searchsorted on
+  // the device, no host sync.
+  const at::Tensor offsets =
+      at::searchsorted(sorted_keys, at::arange(R + 1, keys.options()), /*out_int32=*/false, /*right=*/false)
+          .contiguous();
+  // entry p = (b*C + c)*k + t belongs to grad row b*C + c = p / k
+  const at::Tensor grad_row = at::div(std::get<1>(sorted), k, "floor").contiguous();
 
   const at::Tensor g = grad.contiguous();
   const dim3 block = row_block(D);
@@ -425,7 +432,7 @@ at::Tensor gather_mean_backward_cuda(const at::Tensor& grad, const at::Tensor& i
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "gather_mean_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     gather_mean_backward_kernel<scalar_t, acc_t><<<static_cast<unsigned int>(blocks), block, 0, stream>>>(
-        g.data_ptr<scalar_t>(), sorted_keys.data_ptr<int64_t>(), perm.data_ptr<int64_t>(), N, R, D, k,
+        g.data_ptr<scalar_t>(), offsets.data_ptr<int64_t>(), grad_row.data_ptr<int64_t>(), R, D, k,
         out.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
