@@ -136,6 +136,67 @@ def test_odd_shapes(backend, device, K, P, C, m, d, R, union):
         _check_against_reference(backend, *case, torch.float64)
 
 
+# Pair layouts that stress the per-object paths (each object's smoothing shared by all its pairs and
+# roles; its gradient summed over them before one transposed convolution): one object paired with
+# itself over and over, the same pair repeated in both orders, objects in no pair at all.
+PAIR_LAYOUTS = {
+    "K1-self-repeated": (1, [[0, 0], [0, 0], [0, 0]]),
+    "repeated-pairs": (4, [[0, 1], [1, 0], [0, 1], [2, 2], [0, 1], [3, 0], [1, 0]]),
+    "unused-objects": (7, [[1, 3], [3, 1], [1, 1], [5, 3]]),  # objects 0, 2, 4, 6 in no pair
+}
+
+
+@pytest.mark.parametrize("backend,device", backend_params([TABLES[0], TABLES[1]]))
+@pytest.mark.parametrize("layout", list(PAIR_LAYOUTS))
+@pytest.mark.parametrize("d", [1, 3, 5, 7, 9])
+@pytest.mark.parametrize("per", ["object", "pair"])
+def test_pair_layouts_and_kernel_sizes(backend, device, layout, d, per):
+    """Forward and both gradients against the float64 reference, own and union frames, for every
+    kernel size with a specialised or generic CUDA path (1, 3, 5, 7, 9) and m = 13 / 17 (partial
+    vector blocks and row tails in the CPU kernels, partial strips in the CUDA ones). C = 10 spans two
+    of the CPU backward's 8-channel blocks. Objects in no pair get exactly zero gradients."""
+    if device == "cuda" and not HAS_CUDA:
+        pytest.skip("needs a CUDA GPU")
+    require(TABLES, backend, device)
+    K, pair_list = PAIR_LAYOUTS[layout]
+    pairs = torch.tensor(pair_list, dtype=torch.int64, device=device)
+    g = _gen(20 + d)
+    for m, union in ((13, False), (17, True)):
+        masks = torch.rand(K, 10, m, m, generator=g, dtype=torch.float64).to(device).requires_grad_()
+        n = (pairs.shape[0], 2) if per == "pair" else (K,)
+        params = (torch.randn(*n, 3, generator=g, dtype=torch.float64) * 0.7).to(device).requires_grad_()
+        boxes = _boxes(K, g).to(device) if union else None
+        R = 11 if union else None
+        _check_against_reference(backend, masks, pairs, params, boxes, R, d, torch.float64)
+        unused = sorted(set(range(K)) - set(sum(pair_list, [])))
+        if unused:
+            with sk.use_backend(backend):
+                out = sk.pair_mask_conv(masks, pairs, sk.gaussian_kernels(params, d), boxes, R)
+                dm, dp = torch.autograd.grad(out.square().sum(), (masks, params))
+            assert not dm[unused].any() and dm.abs().sum() > 0
+            if per == "object":
+                assert not dp[unused].any()
+
+
+@pytest.mark.parametrize("backend,device", backend_params([TABLES[0], TABLES[1]]))
+@pytest.mark.parametrize("union", [False, True], ids=["own", "union"])
+def test_gradcheck_per_object_layouts(backend, device, union):
+    """gradcheck (float64) of per-object kernels with repeated pairs, a self-pair and an object in
+    no pair, d = 5 (the per-object gradient is summed over pairs before its transposed convolution)."""
+    if device == "cuda" and not HAS_CUDA:
+        pytest.skip("needs a CUDA GPU")
+    require(TABLES, backend, device)
+    g = _gen(30)
+    K, d = 4, 5
+    pairs = torch.tensor([[0, 1], [1, 0], [0, 1], [2, 2]], device=device)  # object 3 in no pair
+    masks = torch.rand(K, 2, 6, 6, generator=g, dtype=torch.float64).to(device).requires_grad_()
+    params = (torch.randn(K, 3, generator=g, dtype=torch.float64) * 0.7).to(device).requires_grad_()
+    boxes = _boxes(K, g).to(device) if union else None
+    R = 5 if union else None
+    with sk.use_backend(backend):
+        assert torch.autograd.gradcheck(_fn(pairs, boxes, R, d), (masks, params), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
 @pytest.mark.parametrize("backend,device", backend_params([TABLES[0], TABLES[1]]))
 @pytest.mark.parametrize("K,P,C", [(0, 0, 3), (4, 0, 3), (4, 5, 0)])
 def test_empty(backend, device, K, P, C):

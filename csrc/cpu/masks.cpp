@@ -14,21 +14,33 @@
 // column; a weight is 0 outside the object's own box).
 //
 // Work (union frame: each pair's 4R resampling taps are computed once, in parallel over the pairs):
-//   forward            at::parallel_for over (pair, channel) planes
-//   backward           one pass, parallel over the objects k: channel by channel, k's pairs in both
-//                      roles come from a CSR (counting sort, subject role first, ascending p); each
-//                      pair's g for k's role is recomputed, conv_transpose(K_role, g) is accumulated
-//                      in a padded plane (d masks) and the correlation of k's padded mask with g
-//                      into that (pair, role)'s kernel partial (d kernels); per-object kernels
-//                      [K, d, d] then add the (pair, role) partials serially, subjects first then
-//                      objects, each in ascending p (the reference's two index_adds)
-// Every convolution runs on zero-padded planes ((m + 2h)^2, h = d // 2), so the inner loops are
-// branch-free axpy / dot products over a contiguous row of x, which the compiler vectorises.
+//   per-object kernels [K, d, d] (the paper's text): each object's smoothing depends on it alone, also
+//                      in the union frame (masks are smoothed in their own box frames, then resampled
+//                      per pair), so S[k, c] = K_k (*) m[k, c] is computed once per object in a valid
+//                      pair into a [K, C, m, m] acc_t workspace (smooth_objects: K C planes, not 2 P C)
+//     forward          parallel over (pair, channel) planes: the product of two workspace planes
+//     backward         parallel over (object, channel) planes: g[k] = the sum of k's role gradients
+//                      over its pairs (CSR: subject role first, ascending p), then ONE conv_transpose
+//                      (d masks) and ONE kernel-gradient correlation per plane; the (object, channel)
+//                      kernel partials are summed over the channels in order
+//   per-pair kernels [P, 2, d, d] (the released code: every smoothed plane distinct)
+//     forward          parallel over (pair, channel) planes, both smoothings per plane
+//     backward         parallel over (object, block of kChanBlock channels): channel by channel, k's
+//                      pairs in both roles from the CSR; each pair's other smoothed plane and k's g are
+//                      recomputed, conv_transpose(K_role, g) accumulated into k's plane (d masks) and
+//                      the correlation of k's padded mask with g into the (pair, role, block) kernel
+//                      partial, the blocks then summed in order (d kernels)
+// Every convolution runs on zero-padded planes whose rows are padded to whole vectors (Planes), so
+// the inner loops are branch-free: kVec outputs along x per vector, kRows rows of independent
+// accumulators, the taps broadcast from the kernel (conv_transpose2d = the correlation of the padded
+// gradient with the flipped kernel). Floor of the op (bytes, FLOPs, forward and backward): the top
+// of csrc/cuda/masks.cu and sgg_kernels/bench/floors.py (pair_mask_conv_floor).
 //
 // Determinism: no atomics, every sum in a fixed order, results independent of the thread count.
 // Numerics: half/bfloat16 accumulate in float32, float64 in float64. Union-frame sample positions
 // are computed in that accumulation type from the boxes as given (float32, float64 for float64
-// masks), one operation at a time (no FMA contraction under -std=c++17), as the reference does.
+// masks), one operation at a time, as the reference does (axis_tap; the vector loops below may use
+// FMA where the instruction set has it: the same code for every thread count, so still deterministic).
 // Out-of-range pairs (an index outside [0, K), possible only with set_checks(False)) are never read:
 // their output is 0 and they contribute nothing to any gradient.
 #include <ATen/ATen.h>
@@ -141,118 +153,246 @@ inline acc_t resample_at(const Tap<acc_t>& ty, const Tap<acc_t>& tx, const acc_t
 }
 
 // ---------------------------------------------------------------------------------------------
-// Plane operations. A padded plane has side mp = m + 2h, the m x m plane at offset (h, h), zeros
-// around it.
+// Vector loops. The hot loops (the three convolutions) work on blocks of kVec consecutive outputs
+// along x (one 512-bit register of acc_t) with several independent accumulators, and are compiled
+// for the best instruction set this CPU has (simd_dispatch: AVX-512, AVX2 + FMA or the baseline
+// SSE2 of -march=x86-64); the extension's flags target the baseline only, and at SSE2 width the
+// direct 7 x 7 convolution ran at ~0.4x the reference's oneDNN grouped conv2d. Every variant sums
+// in the same order; the AVX2 / AVX-512 ones may fuse multiply-adds (one rounding fewer), so the
+// last bits can differ between machines, never between runs or thread counts on one machine. The
+// union-frame sample positions (pair_taps) are computed outside these regions, at the baseline.
+// ---------------------------------------------------------------------------------------------
+// One 64-byte vector of acc_t (GCC / Clang vector extensions: one zmm register under AVX-512, two
+// ymm under AVX2, four xmm at the baseline), and its unaligned, may-alias view for loads from rows.
+typedef float vec_f32 __attribute__((vector_size(64)));
+typedef float vec_f32_u __attribute__((vector_size(64), aligned(4), may_alias));
+typedef double vec_f64 __attribute__((vector_size(64)));
+typedef double vec_f64_u __attribute__((vector_size(64), aligned(8), may_alias));
+template <typename acc_t>
+struct VecOf;
+template <>
+struct VecOf<float> {
+  using type = vec_f32;
+  using unaligned = vec_f32_u;
+};
+template <>
+struct VecOf<double> {
+  using type = vec_f64;
+  using unaligned = vec_f64_u;
+};
+// The kVec values at p as a vector (a macro, not a function: a function passing 64-byte vectors
+// would have a different ABI in the baseline and the AVX-512 builds).
+#define SGG_VLOAD(acc_t, p) (*reinterpret_cast<const typename VecOf<acc_t>::unaligned*>(p))
+
+template <typename acc_t>
+constexpr int64_t kVec = 64 / static_cast<int64_t>(sizeof(acc_t));  // 16 floats / 8 doubles
+constexpr int64_t kRows = 8;      // output rows per correlation step: independent accumulators, enough
+                                  // to cover the FMA latency (4 cycles, 2 per cycle)
+constexpr int64_t kTapCols = 4;   // kernel columns per kernel-gradient step (x 2 row parities)
+constexpr int64_t kChanBlock = 8; // channels per backward work item with per-pair kernels (fixed: the
+                                  // partial sums, hence the bits, do not depend on the thread count)
+
+template <typename F>
+__attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,avx2,fma"), flatten)) void run_avx512(const F& f) {
+  f();
+}
+template <typename F>
+__attribute__((target("avx2,fma"), flatten)) void run_avx2(const F& f) {
+  f();
+}
+template <typename F>
+__attribute__((flatten)) void run_baseline(const F& f) {
+  f();
+}
+
+enum class Isa { kBaseline, kAvx2, kAvx512 };
+inline Isa cpu_isa() {
+  static const Isa isa = [] {
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl")) {
+      return Isa::kAvx512;
+    }
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
+    return Isa::kBaseline;
+  }();
+  return isa;
+}
+
+// f() with every call inside it inlined and compiled for the CPU's best instruction set.
+template <typename F>
+inline void simd_dispatch(const F& f) {
+  switch (cpu_isa()) {
+    case Isa::kAvx512:
+      run_avx512(f);
+      break;
+    case Isa::kAvx2:
+      run_avx2(f);
+      break;
+    default:
+      run_baseline(f);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Plane geometry. A padded plane holds an m x m plane at offset (h, h), h = d // 2, zeros around
+// it; its rows have stride ps = mr + dr >= m + 2h, mr = m rounded up to kVec and dr = d rounded up
+// to kTapCols, so the vector loops may read whole blocks (and whole groups of kernel columns)
+// past the mask's last column without leaving the plane: what they read there is zero, and the
+// outputs they compute there are dropped.
 // ---------------------------------------------------------------------------------------------
 template <typename acc_t>
 struct Planes {
-  int64_t m, d, h, mp, R;
-  explicit Planes(const MaskArgs& a) : m(a.m), d(a.d), h(a.d / 2), mp(a.m + 2 * (a.d / 2)), R(a.R) {}
-  int64_t padded() const { return mp * mp; }
+  int64_t m, d, h, R, mr, dr, ps, rows;
+  explicit Planes(const MaskArgs& a)
+      : m(a.m),
+        d(a.d),
+        h(a.d / 2),
+        R(a.R),
+        mr((a.m + kVec<acc_t> - 1) / kVec<acc_t> * kVec<acc_t>),
+        dr((a.d + kTapCols - 1) / kTapCols * kTapCols),
+        ps(mr + dr),
+        rows(a.m + 2 * (a.d / 2)) {}
+  int64_t padded() const { return rows * ps; }
+  acc_t* interior(acc_t* pad) const { return pad + h * ps + h; }
 };
 
-// pad[h + y][h + x] = src[y][x] (in acc_t); the border must already be zero and stays so.
-template <typename scalar_t, typename acc_t>
-inline void load_padded(acc_t* pad, const scalar_t* src, const Planes<acc_t>& g) {
+// The interior of a padded plane from an m x m plane (in acc_t); the border must be zero and stays so.
+template <typename src_t, typename acc_t>
+inline void load_padded(acc_t* __restrict__ pad, const src_t* __restrict__ src, const Planes<acc_t>& g) {
+  acc_t* in = g.interior(pad);
   for (int64_t y = 0; y < g.m; ++y) {
-    acc_t* row = pad + (y + g.h) * g.mp + g.h;
-    const scalar_t* s = src + y * g.m;
     for (int64_t x = 0; x < g.m; ++x) {
-      row[x] = static_cast<acc_t>(s[x]);
+      in[y * g.ps + x] = static_cast<acc_t>(src[y * g.m + x]);
     }
   }
 }
 
+// A kernel in acc_t; flipped (K[d-1-r][d-1-c]) for the adjoint, conv_transpose2d = the correlation
+// of the zero-padded gradient with the flipped kernel.
 template <typename scalar_t, typename acc_t>
-inline void load_kernel(acc_t* dst, const scalar_t* src, int64_t dd) {
+inline void load_kernel(acc_t* dst, const scalar_t* src, int64_t dd, bool flip) {
   for (int64_t e = 0; e < dd; ++e) {
-    dst[e] = static_cast<acc_t>(src[e]);
+    dst[e] = static_cast<acc_t>(src[flip ? dd - 1 - e : e]);
   }
 }
 
-// Eq. 6's smoothing, F.conv2d with zero padding h (cross-correlation), from a padded plane:
-//   dst[y][x] = sum_{r, c} K[r][c] pad[y + r][x + c]
-template <typename acc_t>
-inline void smooth(acc_t* dst, const acc_t* pad, const acc_t* ker, const Planes<acc_t>& g) {
-  const int64_t m = g.m, d = g.d, mp = g.mp;
-  for (int64_t y = 0; y < m; ++y) {
-    acc_t* out = dst + y * m;
-    std::fill(out, out + m, acc_t(0));
+// kNy output rows y0 .. y0 + kNy - 1 of the correlation of a padded plane with a d x d kernel:
+//   out[y][x] (=, or += with kAdd) sum_{r, c} K[r][c] pad[y + r][x + c]
+// one block of kVec columns at a time, the taps broadcast from the kernel, kNy independent
+// accumulators (each input row is read by up to d of them).
+template <int64_t kNy, bool kAdd, typename acc_t>
+inline void correlate_rows(acc_t* __restrict__ dst, const acc_t* __restrict__ pad, const acc_t* __restrict__ ker,
+                           const Planes<acc_t>& g, int64_t y0) {
+  using vec = typename VecOf<acc_t>::type;
+  constexpr int64_t V = kVec<acc_t>;
+  const int64_t d = g.d, ps = g.ps, m = g.m;
+  for (int64_t xb = 0; xb < g.mr; xb += V) {
+    vec acc[kNy];
+    for (int64_t j = 0; j < kNy; ++j) acc[j] = vec{};
     for (int64_t r = 0; r < d; ++r) {
-      const acc_t* row = pad + (y + r) * mp;
+      const acc_t* row = pad + (y0 + r) * ps + xb;
       for (int64_t c = 0; c < d; ++c) {
         const acc_t k = ker[r * d + c];
-        const acc_t* in = row + c;
-        for (int64_t x = 0; x < m; ++x) {
-          out[x] += k * in[x];
+        for (int64_t j = 0; j < kNy; ++j) acc[j] += k * SGG_VLOAD(acc_t, row + j * ps + c);
+      }
+    }
+    const int64_t n = std::min(V, m - xb);
+    for (int64_t j = 0; j < kNy; ++j) {
+      acc_t* out = dst + (y0 + j) * m + xb;
+      for (int64_t i = 0; i < n; ++i) {
+        if (kAdd) {
+          out[i] += acc[j][i];
+        } else {
+          out[i] = acc[j][i];
         }
       }
     }
   }
 }
 
-// Its adjoint, F.conv_transpose2d with padding h, accumulated into a padded plane (the border
-// collects what falls outside the mask and is dropped):
-//   dpad[y + r][x + c] += K[r][c] g[y][x]
-template <typename acc_t>
-inline void conv_transpose_add(acc_t* dpad, const acc_t* grad, const acc_t* ker, const Planes<acc_t>& g) {
-  const int64_t m = g.m, d = g.d, mp = g.mp;
-  for (int64_t y = 0; y < m; ++y) {
-    const acc_t* gy = grad + y * m;
-    for (int64_t r = 0; r < d; ++r) {
-      acc_t* row = dpad + (y + r) * mp;
-      for (int64_t c = 0; c < d; ++c) {
-        const acc_t k = ker[r * d + c];
-        acc_t* out = row + c;
-        for (int64_t x = 0; x < m; ++x) {
-          out[x] += k * gy[x];
-        }
-      }
-    }
-  }
+// Eq. 6's smoothing, F.conv2d with zero padding h (cross-correlation), into a dense m x m plane:
+//   dst[y][x] = sum_{r, c} K[r][c] pad[y + r][x + c];   with kAdd (and the flipped kernel on the
+// padded gradient) the adjoint F.conv_transpose2d, accumulated.
+template <bool kAdd, typename acc_t>
+inline void correlate(acc_t* __restrict__ dst, const acc_t* __restrict__ pad, const acc_t* __restrict__ ker,
+                      const Planes<acc_t>& g) {
+  int64_t y = 0;
+  for (; y + kRows <= g.m; y += kRows) correlate_rows<kRows, kAdd>(dst, pad, ker, g, y);
+  for (; y + kRows / 2 <= g.m; y += kRows / 2) correlate_rows<kRows / 2, kAdd>(dst, pad, ker, g, y);
+  for (; y < g.m; ++y) correlate_rows<1, kAdd>(dst, pad, ker, g, y);
 }
 
-// The kernel's gradient (zero outside the mask, hence the padded plane):
-//   dk[r][c] += sum_{y, x} g[y][x] pad[y + r][x + c]
+// The kernel's gradient: dk[r][c] += sum_{y, x} gr[y][x] pad[y + r][x + c] (zero outside the mask,
+// hence the padded mask), gr the interior of a padded gradient plane (zero in columns m .. mr - 1,
+// so the lanes past the mask add 0 x pad: exact for finite masks). kTapCols kernel columns at a
+// time, a kVec-wide accumulator per column and row parity (8 independent chains), reduced lane by
+// lane in a fixed order.
 template <typename acc_t>
-inline void kernel_grad_add(acc_t* dk, const acc_t* pad, const acc_t* grad, const Planes<acc_t>& g) {
-  const int64_t m = g.m, d = g.d, mp = g.mp;
+inline void kernel_grad_add(acc_t* __restrict__ dk, const acc_t* __restrict__ pad, const acc_t* __restrict__ gr,
+                            const Planes<acc_t>& g) {
+  using vec = typename VecOf<acc_t>::type;
+  constexpr int64_t V = kVec<acc_t>;
+  const int64_t d = g.d, ps = g.ps, m = g.m;
   for (int64_t r = 0; r < d; ++r) {
-    for (int64_t c = 0; c < d; ++c) {
-      acc_t sum = 0;
-      for (int64_t y = 0; y < m; ++y) {
-        const acc_t* gy = grad + y * m;
-        const acc_t* in = pad + (y + r) * mp + c;
-        sum += lane_sum<acc_t>(m, [&](int64_t x) { return gy[x] * in[x]; });
+    for (int64_t c0 = 0; c0 < d; c0 += kTapCols) {  // columns past d read zeros / are dropped
+      vec acc[2][kTapCols];
+      for (int64_t j = 0; j < kTapCols; ++j) acc[0][j] = acc[1][j] = vec{};
+      int64_t y = 0;
+      for (; y + 2 <= m; y += 2) {
+        for (int64_t t = 0; t < 2; ++t) {
+          const acc_t* grow = gr + (y + t) * ps;
+          const acc_t* prow = pad + (y + t + r) * ps + c0;
+          for (int64_t xb = 0; xb < g.mr; xb += V) {
+            const vec gv = SGG_VLOAD(acc_t, grow + xb);
+            for (int64_t j = 0; j < kTapCols; ++j) acc[t][j] += gv * SGG_VLOAD(acc_t, prow + xb + j);
+          }
+        }
       }
-      dk[r * d + c] += sum;
+      for (; y < m; ++y) {
+        const acc_t* grow = gr + y * ps;
+        const acc_t* prow = pad + (y + r) * ps + c0;
+        for (int64_t xb = 0; xb < g.mr; xb += V) {
+          const vec gv = SGG_VLOAD(acc_t, grow + xb);
+          for (int64_t j = 0; j < kTapCols; ++j) acc[0][j] += gv * SGG_VLOAD(acc_t, prow + xb + j);
+        }
+      }
+      for (int64_t j = 0; j < kTapCols && c0 + j < d; ++j) {
+        const vec both = acc[0][j] + acc[1][j];
+        acc_t sum = 0;
+        for (int64_t i = 0; i < V; ++i) sum += both[i];
+        dk[r * d + c0 + j] += sum;
+      }
     }
   }
 }
 
-// The gradient g of one role's smoothed plane (reference pair_mask_conv_backward):
+// The gradient g of one role's smoothed plane (reference pair_mask_conv_backward), ADDED to gp,
+// the interior of a padded plane (row stride ps):
 //   own frame:   g_S = G . O                                 (g_O = G . S)
 //   union frame: g_S = A_s^T(G . A_o(O)) = wy_s^T (G . A_o(O)) wx_s
-// G: the grad plane (R x R or m x m), other_s: the other role's smoothed plane, taps: the pair's.
+// G: the grad plane (R x R or m x m), other_s: the other role's smoothed plane (dense m x m),
+// taps: the pair's.
 template <typename scalar_t, typename acc_t>
-inline void role_grad(acc_t* out, const scalar_t* G, const acc_t* other_s, const Tap<acc_t>* taps, int role,
-                      const Planes<acc_t>& g) {
-  const int64_t m = g.m, R = g.R;
+inline void role_grad_add(acc_t* __restrict__ gp, const scalar_t* __restrict__ G, const acc_t* __restrict__ other_s,
+                          const Tap<acc_t>* taps, int role, const Planes<acc_t>& g) {
+  const int64_t m = g.m, R = g.R, ps = g.ps;
   if (R == 0) {
-    for (int64_t q = 0; q < m * m; ++q) {
-      out[q] = static_cast<acc_t>(G[q]) * other_s[q];
+    for (int64_t y = 0; y < m; ++y) {
+      for (int64_t x = 0; x < m; ++x) {
+        gp[y * ps + x] += static_cast<acc_t>(G[y * m + x]) * other_s[y * m + x];
+      }
     }
     return;
   }
-  std::fill(out, out + m * m, acc_t(0));
   const Tap<acc_t>* oy = taps + (2 * (1 - role)) * R;
   const Tap<acc_t>* ox = oy + R;
   const Tap<acc_t>* ry = taps + (2 * role) * R;
   const Tap<acc_t>* rx = ry + R;
   for (int64_t i = 0; i < R; ++i) {
     const Tap<acc_t>& ty = ry[i];
-    acc_t* lo = out + ty.lo * m;
-    acc_t* hi = out + ty.hi * m;
+    acc_t* lo = gp + ty.lo * ps;
+    acc_t* hi = gp + ty.hi * ps;
     for (int64_t j = 0; j < R; ++j) {
       const acc_t v = static_cast<acc_t>(G[i * R + j]) * resample_at(oy[i], ox[j], other_s, m);
       const Tap<acc_t>& tx = rx[j];
@@ -264,32 +404,40 @@ inline void role_grad(acc_t* out, const scalar_t* G, const acc_t* other_s, const
   }
 }
 
-// The [d, d] kernel of a role (0 subject, 1 object) of pair p whose object in that role is obj.
-template <typename scalar_t>
-inline const scalar_t* role_kernel(const scalar_t* kernels, bool per_pair, int64_t p, int role, int64_t obj,
-                                   int64_t dd) {
-  return kernels + (per_pair ? 2 * p + role : obj) * dd;
+// Zero the interior (and the columns up to mr) of a padded plane: the border stays zero.
+template <typename acc_t>
+inline void clear_interior(acc_t* pad, const Planes<acc_t>& g) {
+  acc_t* in = g.interior(pad);
+  for (int64_t y = 0; y < g.m; ++y) std::fill(in + y * g.ps, in + y * g.ps + g.m, acc_t(0));
 }
 
-// Thread-local buffers of one parallel chunk.
-template <typename acc_t>
-struct Scratch {
-  std::vector<acc_t> pad_s, pad_o, sm_s, sm_o, ks, ko, g, dpad;
-  explicit Scratch(const Planes<acc_t>& g_)
-      : pad_s(g_.padded(), acc_t(0)),
-        pad_o(g_.padded(), acc_t(0)),
-        sm_s(g_.m * g_.m),
-        sm_o(g_.m * g_.m),
-        ks(g_.d * g_.d),
-        ko(g_.d * g_.d),
-        g(g_.m * g_.m),
-        dpad(g_.padded()) {}
-};
+// out plane (R x R or m x m) = S . O in the own frame, A_s(S) . A_o(O) in the union frame; S, O dense.
+template <typename scalar_t, typename acc_t>
+inline void pair_product(scalar_t* __restrict__ dst, const acc_t* __restrict__ S, const acc_t* __restrict__ O,
+                         const Tap<acc_t>* taps, const Planes<acc_t>& g) {
+  const int64_t m = g.m, R = g.R;
+  if (R == 0) {
+    for (int64_t q = 0; q < m * m; ++q) dst[q] = static_cast<scalar_t>(S[q] * O[q]);
+    return;
+  }
+  const Tap<acc_t>* sy = taps;
+  const Tap<acc_t>* sx = sy + R;
+  const Tap<acc_t>* oy = sy + 2 * R;
+  const Tap<acc_t>* ox = sy + 3 * R;
+  for (int64_t i = 0; i < R; ++i) {
+    for (int64_t j = 0; j < R; ++j) {
+      dst[i * R + j] = static_cast<scalar_t>(resample_at(sy[i], sx[j], S, m) * resample_at(oy[i], ox[j], O, m));
+    }
+  }
+}
 
 // CSR of the pairs by (role, object): for key = role * K + k, the pairs are
 // pair_of[offset[key] .. offset[key + 1]) in ascending p. Invalid pairs are left out.
 struct PairCsr {
   std::vector<int64_t> offset, pair_of;
+  bool used(int64_t k, int64_t K) const {  // k is in at least one valid pair
+    return offset[k + 1] > offset[k] || offset[K + k + 1] > offset[K + k];
+  }
 };
 
 PairCsr pair_csr(const int64_t* pairs, int64_t P, int64_t K) {
@@ -331,6 +479,33 @@ std::vector<Tap<acc_t>> pair_taps(const acc_t* boxes, const int64_t* pairs, cons
   return taps;
 }
 
+// Per-object kernels: every used object's smoothed masks S[k, c] = K_k (*) m[k, c], once, into a dense
+// [K, C, m, m] acc_t workspace (K*C planes instead of 2*P*C; unused objects' planes are not
+// computed and never read). Parallel over the planes.
+template <typename scalar_t, typename acc_t>
+std::vector<acc_t> smooth_objects(const scalar_t* mk, const scalar_t* kn, const PairCsr& csr, const MaskArgs& a,
+                                  const Planes<acc_t>& geo) {
+  const int64_t mm = a.m * a.m, dd = a.d * a.d;
+  std::vector<acc_t> ws(a.K * a.C * mm);
+  at::parallel_for(0, a.K * a.C, grain_for(2 * mm * dd), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> pad(geo.padded(), acc_t(0)), ker(dd);
+    int64_t last_k = -1;
+    simd_dispatch([&] {
+      for (int64_t plane = begin; plane < end; ++plane) {
+        const int64_t k = plane / a.C;
+        if (!csr.used(k, a.K)) continue;
+        if (k != last_k) {
+          load_kernel(ker.data(), kn + k * dd, dd, false);
+          last_k = k;
+        }
+        load_padded(pad.data(), mk + plane * mm, geo);
+        correlate<false>(ws.data() + plane * mm, pad.data(), ker.data(), geo);
+      }
+    });
+  });
+  return ws;
+}
+
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------
@@ -360,44 +535,48 @@ at::Tensor pair_mask_conv(const at::Tensor& masks_in, const at::Tensor& pairs_in
         pair_taps(boxes.defined() ? boxes.const_data_ptr<acc_t>() : nullptr, pr, a);
     scalar_t* dst_all = out.mutable_data_ptr<scalar_t>();
     const int64_t mm = a.m * a.m, dd = a.d * a.d, out_hw = side * side;
-    const int64_t work = 2 * mm * dd + out_hw;
+    // Per-object kernels: the smoothing depends on the object alone, also in the union frame (the
+    // masks are smoothed in their own box frames, then resampled per pair): once per object.
+    std::vector<acc_t> ws;
+    if (!a.per_pair) ws = smooth_objects(mk, kn, pair_csr(pr, a.P, a.K), a, geo);
+    const int64_t work = (a.per_pair ? 2 * mm * dd : 0) + 8 * out_hw;
     at::parallel_for(0, a.P * a.C, grain_for(work), [&](int64_t begin, int64_t end) {
-      Scratch<acc_t> w(geo);
-      int64_t last_p = -1;
-      for (int64_t plane = begin; plane < end; ++plane) {
-        const int64_t p = plane / a.C, c = plane % a.C;
-        scalar_t* dst = dst_all + plane * out_hw;
-        int64_t s, o;
-        if (!pair_at(pr, p, a.K, s, o)) {  // invalid pair: output 0
-          std::fill(dst, dst + out_hw, scalar_t(0));
-          continue;
-        }
-        if (p != last_p) {  // the pair's kernels, once per run of its channels
-          load_kernel(w.ks.data(), role_kernel(kn, a.per_pair, p, 0, s, dd), dd);
-          load_kernel(w.ko.data(), role_kernel(kn, a.per_pair, p, 1, o, dd), dd);
-          last_p = p;
-        }
-        load_padded(w.pad_s.data(), mk + (s * a.C + c) * mm, geo);
-        load_padded(w.pad_o.data(), mk + (o * a.C + c) * mm, geo);
-        smooth(w.sm_s.data(), w.pad_s.data(), w.ks.data(), geo);  // S = K_s (*) m_s
-        smooth(w.sm_o.data(), w.pad_o.data(), w.ko.data(), geo);  // O = K_o (*) m_o
-        if (a.R == 0) {
-          for (int64_t q = 0; q < mm; ++q) {
-            dst[q] = static_cast<scalar_t>(w.sm_s[q] * w.sm_o[q]);  // S . O
-          }
-        } else {
-          const Tap<acc_t>* sy = taps.data() + p * 4 * a.R;
-          const Tap<acc_t>* sx = sy + a.R;
-          const Tap<acc_t>* oy = sy + 2 * a.R;
-          const Tap<acc_t>* ox = sy + 3 * a.R;
-          for (int64_t i = 0; i < a.R; ++i) {  // A_s(S) . A_o(O)
-            for (int64_t j = 0; j < a.R; ++j) {
-              dst[i * a.R + j] = static_cast<scalar_t>(resample_at(sy[i], sx[j], w.sm_s.data(), a.m) *
-                                                       resample_at(oy[i], ox[j], w.sm_o.data(), a.m));
-            }
-          }
-        }
+      std::vector<acc_t> pad_s, pad_o, sm_s, sm_o, ks, ko;
+      if (a.per_pair) {
+        pad_s.assign(geo.padded(), acc_t(0));
+        pad_o.assign(geo.padded(), acc_t(0));
+        sm_s.resize(mm);
+        sm_o.resize(mm);
+        ks.resize(dd);
+        ko.resize(dd);
       }
+      int64_t last_p = -1;
+      simd_dispatch([&] {
+        for (int64_t plane = begin; plane < end; ++plane) {
+          const int64_t p = plane / a.C, c = plane % a.C;
+          scalar_t* dst = dst_all + plane * out_hw;
+          int64_t s, o;
+          if (!pair_at(pr, p, a.K, s, o)) {  // invalid pair: output 0
+            std::fill(dst, dst + out_hw, scalar_t(0));
+            continue;
+          }
+          const Tap<acc_t>* tp = a.R > 0 ? taps.data() + p * 4 * a.R : nullptr;
+          if (!a.per_pair) {
+            pair_product(dst, ws.data() + (s * a.C + c) * mm, ws.data() + (o * a.C + c) * mm, tp, geo);
+            continue;
+          }
+          if (p != last_p) {  // the pair's kernels, once per run of its channels
+            load_kernel(ks.data(), kn + (2 * p) * dd, dd, false);
+            load_kernel(ko.data(), kn + (2 * p + 1) * dd, dd, false);
+            last_p = p;
+          }
+          load_padded(pad_s.data(), mk + (s * a.C + c) * mm, geo);
+          load_padded(pad_o.data(), mk + (o * a.C + c) * mm, geo);
+          correlate<false>(sm_s.data(), pad_s.data(), ks.data(), geo);  // S = K_s (*) m_s
+          correlate<false>(sm_o.data(), pad_o.data(), ko.data(), geo);  // O = K_o (*) m_o
+          pair_product(dst, sm_s.data(), sm_o.data(), tp, geo);
+        }
+      });
     });
   });
   return out;
@@ -407,11 +586,17 @@ at::Tensor pair_mask_conv(const at::Tensor& masks_in, const at::Tensor& pairs_in
 // Backward
 //   d m[k] = sum_{p: s_p = k} K_s (*)^T g_S + sum_{p: o_p = k} K_o (*)^T g_O     ((*)^T: conv_transpose2d)
 //   d K_role[r][c] = sum_{channel, y, x} g_role[y][x] m_role[y + r - h][x + c - h]   (0 outside)
-// One pass, parallel over the objects: object k visits, channel by channel, every pair it is in
-// (CSR: subject role first, ascending p), recomputes the other role's smoothed mask and k's g, and
-// adds both k's mask gradient (conv_transpose) and the (pair, role) kernel partial. A (pair, role)
-// belongs to exactly one object, so every partial is written by one thread, over the channels in
-// order.
+// Per-object kernels: K_s = K_k for every (pair, role) using k, so both sums are linear in
+//   g[k] = sum_{p: s_p = k} g_S + sum_{p: o_p = k} g_O :
+// d m[k] = K_k (*)^T g[k] and d K_k = corr(m[k], g[k]): one conv_transpose and one kernel-gradient
+// correlation per object plane; the smoothed masks come from the workspace (smooth_objects). Parallel
+// over the (object, channel) planes; g[k] sums k's (pair, role)s in CSR order (subject role first,
+// ascending p); the per-plane kernel partials are summed over the channels in order.
+// Per-pair kernels: every (pair, role) has its own kernel, nothing to share: parallel over (object,
+// block of kChanBlock channels); k visits, channel by channel, every pair it is in (CSR), recomputes
+// the other role's smoothed mask and k's g, adds conv_transpose(K_role, g) to k's mask gradient and
+// the correlation to the (pair, role, channel block)'s kernel partial; the blocks' partials are then
+// summed in order. A (pair, role) belongs to exactly one object, so every partial has one writer.
 // ---------------------------------------------------------------------------------------------
 std::tuple<at::Tensor, at::Tensor> pair_mask_conv_backward(const at::Tensor& grad_in, const at::Tensor& masks_in,
                                                            const at::Tensor& pairs_in, const at::Tensor& kernels_in,
@@ -442,65 +627,109 @@ std::tuple<at::Tensor, at::Tensor> pair_mask_conv_backward(const at::Tensor& gra
     const std::vector<Tap<acc_t>> taps =
         pair_taps(boxes.defined() ? boxes.const_data_ptr<acc_t>() : nullptr, pr, a);
     const PairCsr csr = pair_csr(pr, a.P, a.K);
-    std::vector<acc_t> part(need_kernels ? 2 * a.P * dd : 0, acc_t(0));  // d K per (pair, role)
     scalar_t* dm_all = need_masks ? d_masks.mutable_data_ptr<scalar_t>() : nullptr;
-    // ~3 convolutions per (pair, role, channel)
-    const int64_t per_object = std::max<int64_t>(1, static_cast<int64_t>(csr.pair_of.size()) / a.K) * a.C;
-    at::parallel_for(0, a.K, grain_for(per_object * (3 * mm * dd + 2 * out_hw)), [&](int64_t begin, int64_t end) {
-      Scratch<acc_t> w(geo);
-      for (int64_t k = begin; k < end; ++k) {
-        for (int64_t c = 0; c < a.C; ++c) {
-          if (need_masks) std::fill(w.dpad.begin(), w.dpad.end(), acc_t(0));
-          if (need_kernels) load_padded(w.pad_s.data(), mk + (k * a.C + c) * mm, geo);  // k's own mask
-          for (int role = 0; role < 2; ++role) {
-            const int64_t key = role * a.K + k;
-            for (int64_t e = csr.offset[key]; e < csr.offset[key + 1]; ++e) {
-              const int64_t p = csr.pair_of[e];
-              const int64_t other = role == 0 ? pr[2 * p + 1] : pr[2 * p];  // valid: the CSR holds valid pairs
-              load_kernel(w.ks.data(), role_kernel(kn, a.per_pair, p, role, k, dd), dd);
-              load_kernel(w.ko.data(), role_kernel(kn, a.per_pair, p, 1 - role, other, dd), dd);
-              load_padded(w.pad_o.data(), mk + (other * a.C + c) * mm, geo);
-              smooth(w.sm_o.data(), w.pad_o.data(), w.ko.data(), geo);  // the other role's smoothed mask
-              role_grad(w.g.data(), gr + (p * a.C + c) * out_hw, w.sm_o.data(), taps.data() + p * 4 * a.R, role,
-                        geo);                                             // g for k's role
-              if (need_masks) conv_transpose_add(w.dpad.data(), w.g.data(), w.ks.data(), geo);
-              if (need_kernels) kernel_grad_add(part.data() + (2 * p + role) * dd, w.pad_s.data(), w.g.data(), geo);
-            }
-          }
-          if (need_masks) {
-            scalar_t* dst = dm_all + (k * a.C + c) * mm;
-            for (int64_t y = 0; y < a.m; ++y) {
-              const acc_t* row = w.dpad.data() + (y + geo.h) * geo.mp + geo.h;
-              for (int64_t x = 0; x < a.m; ++x) {
-                dst[y * a.m + x] = static_cast<scalar_t>(row[x]);
+    const int64_t per_object = std::max<int64_t>(1, static_cast<int64_t>(csr.pair_of.size()) / a.K);
+
+    if (!a.per_pair) {
+      const std::vector<acc_t> ws = smooth_objects(mk, kn, csr, a, geo);
+      std::vector<acc_t> part(need_kernels ? a.K * a.C * dd : 0, acc_t(0));  // d K per (object, channel)
+      at::parallel_for(0, a.K * a.C, grain_for(per_object * 4 * out_hw + 4 * mm * dd), [&](int64_t begin, int64_t end) {
+        std::vector<acc_t> gpad(geo.padded(), acc_t(0)), pad(geo.padded(), acc_t(0)), kf(dd), dm(mm);
+        int64_t last_k = -1;
+        simd_dispatch([&] {
+          for (int64_t plane = begin; plane < end; ++plane) {
+            const int64_t k = plane / a.C, c = plane % a.C;
+            if (!csr.used(k, a.K)) continue;  // no pair: zero gradients (already)
+            clear_interior(gpad.data(), geo);
+            acc_t* gk = geo.interior(gpad.data());
+            for (int role = 0; role < 2; ++role) {  // g[k] = sum of k's g_S and g_O, in CSR order
+              const int64_t key = role * a.K + k;
+              for (int64_t e = csr.offset[key]; e < csr.offset[key + 1]; ++e) {
+                const int64_t p = csr.pair_of[e];
+                const int64_t other = role == 0 ? pr[2 * p + 1] : pr[2 * p];
+                role_grad_add(gk, gr + (p * a.C + c) * out_hw, ws.data() + (other * a.C + c) * mm,
+                              a.R > 0 ? taps.data() + p * 4 * a.R : nullptr, role, geo);
               }
             }
+            if (need_masks) {  // d m[k] = K_k (*)^T g[k]
+              if (k != last_k) {
+                load_kernel(kf.data(), kn + k * dd, dd, true);
+                last_k = k;
+              }
+              correlate<false>(dm.data(), gpad.data(), kf.data(), geo);
+              scalar_t* dst = dm_all + plane * mm;
+              for (int64_t q = 0; q < mm; ++q) dst[q] = static_cast<scalar_t>(dm[q]);
+            }
+            if (need_kernels) {  // d K_k, this channel's share
+              load_padded(pad.data(), mk + plane * mm, geo);
+              kernel_grad_add(part.data() + plane * dd, pad.data(), gk, geo);
+            }
           }
-        }
-      }
-    });
-
-    if (need_kernels) {
-      scalar_t* dk = d_kernels.mutable_data_ptr<scalar_t>();
-      if (a.per_pair) {  // invalid pairs' partials stayed 0
-        for (int64_t e = 0; e < 2 * a.P * dd; ++e) {
-          dk[e] = static_cast<scalar_t>(part[e]);
-        }
-      } else {  // the reference's index_add over the subjects, then over the objects
-        std::vector<acc_t> sum(a.K * dd, acc_t(0));
-        for (int role = 0; role < 2; ++role) {
-          for (int64_t p = 0; p < a.P; ++p) {
-            int64_t s, o;
-            if (!pair_at(pr, p, a.K, s, o)) continue;
-            const int64_t k = role == 0 ? s : o;
-            const acc_t* src = part.data() + (2 * p + role) * dd;
+        });
+      });
+      if (need_kernels) {
+        scalar_t* dk = d_kernels.mutable_data_ptr<scalar_t>();
+        at::parallel_for(0, a.K, grain_for(a.C * dd), [&](int64_t begin, int64_t end) {
+          for (int64_t k = begin; k < end; ++k) {
             for (int64_t e = 0; e < dd; ++e) {
-              sum[k * dd + e] += src[e];
+              acc_t sum = 0;
+              for (int64_t c = 0; c < a.C; ++c) sum += part[(k * a.C + c) * dd + e];
+              dk[k * dd + e] = static_cast<scalar_t>(sum);
+            }
+          }
+        });
+      }
+      return;
+    }
+
+    // Per-pair kernels.
+    const int64_t blocks = (a.C + kChanBlock - 1) / kChanBlock;
+    std::vector<acc_t> part(need_kernels ? 2 * a.P * blocks * dd : 0, acc_t(0));  // d K per (pair, role, block)
+    const int64_t cost = per_object * std::min(a.C, kChanBlock) * (6 * mm * dd + 4 * out_hw);
+    at::parallel_for(0, a.K * blocks, grain_for(cost), [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> pad_self(geo.padded(), acc_t(0)), pad_o(geo.padded(), acc_t(0));
+      std::vector<acc_t> gpad(geo.padded(), acc_t(0)), sm_o(mm), kf(dd), ko(dd), dm(mm);
+      simd_dispatch([&] {
+        for (int64_t item = begin; item < end; ++item) {
+          const int64_t k = item / blocks, b = item % blocks;
+          if (!csr.used(k, a.K)) continue;
+          for (int64_t c = b * kChanBlock; c < std::min(a.C, (b + 1) * kChanBlock); ++c) {
+            if (need_masks) std::fill(dm.begin(), dm.end(), acc_t(0));
+            if (need_kernels) load_padded(pad_self.data(), mk + (k * a.C + c) * mm, geo);  // k's own mask
+            for (int role = 0; role < 2; ++role) {
+              const int64_t key = role * a.K + k;
+              for (int64_t e = csr.offset[key]; e < csr.offset[key + 1]; ++e) {
+                const int64_t p = csr.pair_of[e];
+                const int64_t other = role == 0 ? pr[2 * p + 1] : pr[2 * p];  // valid: the CSR holds valid pairs
+                load_kernel(ko.data(), kn + (2 * p + 1 - role) * dd, dd, false);
+                load_padded(pad_o.data(), mk + (other * a.C + c) * mm, geo);
+                correlate<false>(sm_o.data(), pad_o.data(), ko.data(), geo);  // the other role's smoothed mask
+                clear_interior(gpad.data(), geo);
+                acc_t* gk = geo.interior(gpad.data());
+                role_grad_add(gk, gr + (p * a.C + c) * out_hw, sm_o.data(),
+                              a.R > 0 ? taps.data() + p * 4 * a.R : nullptr, role, geo);  // g for k's role
+                if (need_masks) {
+                  load_kernel(kf.data(), kn + (2 * p + role) * dd, dd, true);
+                  correlate<true>(dm.data(), gpad.data(), kf.data(), geo);
+                }
+                if (need_kernels) kernel_grad_add(part.data() + ((2 * p + role) * blocks + b) * dd, pad_self.data(), gk, geo);
+              }
+            }
+            if (need_masks) {
+              scalar_t* dst = dm_all + (k * a.C + c) * mm;
+              for (int64_t q = 0; q < mm; ++q) dst[q] = static_cast<scalar_t>(dm[q]);
             }
           }
         }
-        for (int64_t e = 0; e < a.K * dd; ++e) {
-          dk[e] = static_cast<scalar_t>(sum[e]);
+      });
+    });
+    if (need_kernels) {  // invalid pairs' partials stayed 0
+      scalar_t* dk = d_kernels.mutable_data_ptr<scalar_t>();
+      for (int64_t pr_ = 0; pr_ < 2 * a.P; ++pr_) {
+        for (int64_t e = 0; e < dd; ++e) {
+          acc_t sum = 0;
+          for (int64_t b = 0; b < blocks; ++b) sum += part[(pr_ * blocks + b) * dd + e];
+          dk[pr_ * dd + e] = static_cast<scalar_t>(sum);
         }
       }
     }

@@ -196,30 +196,36 @@ GAUSSIAN_FLOPS_PER_CELL = 15  # gaussian_kernels: the quadratic form, exp and th
 
 
 def pair_mask_conv_floor(K: int, P: int, C: int, m: int, d: int, e: int, params_bytes: int,
-                         R: int = 0, boxes_bytes: int = 0) -> Floor:
+                         R: int = 0, boxes_bytes: int = 0, per_object: bool = False) -> Floor:
     """Eq. 6 with one Gaussian kernel per pair and role (the case's ``[P, 2, d, d]``, built from
-    ``params [P, 2, 3]`` inside the timed call). The Gaussian is not separable (rho != 0): a plane
-    costs T = valid_taps_1d(m, d)^2 multiply-adds (taps in the zero padding not counted), 2 T FLOPs,
-    per role. Own frame (R = 0): fwd 2 roles x 2 P C T + the product P C m^2 + the kernels
-    (15 FLOPs per cell, 2 P d^2 cells). Union frame (R > 0): each smoothed plane is also resampled
-    separably, <= 2 taps per output along x then y: X = 4 (m R + R^2) FLOPs per plane and role;
-    product P C R^2. bwd (the smoothed masks are never stored: recomputed): own frame
-    4 P C T (recompute) + 2 P C m^2 (G . O, G . S) + 4 P C T (conv_transpose, both roles)
-    + 4 P C T (d kernels, both roles) + 2 P C m^2 (scatter into d masks) + the kernels' backward;
-    union frame adds 2 P C X (recompute of both resamplings) + 2 P C X (A^T of both roles) and the
-    products move to the R x R grid. Reads masks, pairs, params (boxes in the union frame) once;
-    writes out once; bwd writes d masks and d params."""
+    ``params [P, 2, 3]`` inside the timed call) or, ``per_object``, one per object (``[K, d, d]``
+    from ``params [K, 3]``). The Gaussian is not separable (rho != 0): a plane
+    costs T = valid_taps_1d(m, d)^2 multiply-adds (taps in the zero padding not counted), 2 T FLOPs.
+    N_s smoothed planes: 2 P C per pair and role (every plane distinct); per object K C (each
+    object's smoothing depends on it alone, also in the union frame, where the masks are smoothed in
+    their own frames before the per-pair resampling; an object in no pair would need none, but the
+    floor assumes every object is used). Own frame (R = 0): fwd 2 T N_s + the product P C m^2 + the
+    kernels (15 FLOPs per cell, 2 P d^2 or K d^2 cells). Union frame (R > 0): each smoothed plane is
+    also resampled separably per pair and role, <= 2 taps per output along x then y:
+    X = 4 (m R + R^2) FLOPs per plane and role; product P C R^2. bwd (the smoothed masks are never
+    stored: recomputed): 2 T N_s (recompute) + 2 P C side^2 (G . O, G . S) + 4 T N_s (conv_transpose
+    and the kernel-gradient correlation, once per smoothed plane: per object the role gradients are
+    summed first) + 2 P C m^2 (the sums over pairs into d masks, or into the per-object gradient)
+    + the kernels' backward; the union frame adds 2 P C X (recompute of both resamplings) + 2 P C X
+    (A^T of both roles). Reads masks, pairs, params (boxes in the union frame) once; writes out
+    once; bwd writes d masks and d params."""
     T = valid_taps_1d(m, d) ** 2
     planes = P * C
-    kern = GAUSSIAN_FLOPS_PER_CELL * 2 * P * d * d
+    smoothed = K * C if per_object else 2 * planes
+    kern = GAUSSIAN_FLOPS_PER_CELL * (K if per_object else 2 * P) * d * d
     pairs = P * 2 * INDEX_BYTES
     masks = K * C * m * m * e
     side = R if R else m
     out = planes * side * side * e
     X = 4 * (m * R + R * R) if R else 0
-    fwd_flops = 2 * planes * (2 * T + X) + planes * side * side + kern
-    bwd_flops = (2 * planes * (2 * T + X) + 2 * planes * side * side + 2 * planes * X
-                 + 8 * planes * T + 2 * planes * m * m + 2 * kern)
+    fwd_flops = 2 * T * smoothed + 2 * planes * X + planes * side * side + kern
+    bwd_flops = (2 * T * smoothed + 2 * planes * X + 2 * planes * side * side + 2 * planes * X
+                 + 4 * T * smoothed + 2 * planes * m * m + 2 * kern)
     fwd_bytes = masks + pairs + params_bytes + boxes_bytes + out
     bwd_bytes = out + masks + pairs + params_bytes + boxes_bytes + masks + params_bytes
     return _f(fwd_bytes, fwd_flops, bwd_bytes, bwd_flops)
@@ -368,7 +374,8 @@ def _mask_kernel_size() -> int:
 def _pair_mask_conv(x) -> Floor:
     masks, pairs, params = x["masks"], x["pairs"], x["params"]
     K, C, m, _ = masks.shape
-    return pair_mask_conv_floor(K, pairs.shape[0], C, m, _mask_kernel_size(), masks.element_size(), nbytes(params))
+    return pair_mask_conv_floor(K, pairs.shape[0], C, m, _mask_kernel_size(), masks.element_size(), nbytes(params),
+                                per_object=params.dim() == 2)
 
 
 @_case("pair_mask_conv_union")
@@ -377,7 +384,7 @@ def _pair_mask_conv_union(x) -> Floor:
     masks, pairs, params, boxes = x["masks"], x["pairs"], x["params"], x["boxes"]
     K, C, m, _ = masks.shape
     return pair_mask_conv_floor(K, pairs.shape[0], C, m, _mask_kernel_size(), masks.element_size(), nbytes(params),
-                                R=m, boxes_bytes=nbytes(boxes))
+                                R=m, boxes_bytes=nbytes(boxes), per_object=params.dim() == 2)
 
 
 @_case("sil_block")
