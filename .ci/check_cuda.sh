@@ -10,13 +10,15 @@
 # Usage (from anywhere, with the venv that holds torch activated):
 #   .ci/check_cuda.sh            # every csrc/cuda/*.cu
 #   .ci/check_cuda.sh FILE.cu    # only the given files
-# Environment: NVCC (default nvcc), CUDA_ARCH (default sm_90), NVCC_EXTRA (more flags),
-#   CHECK_CUDA_WERROR (default 1: a warning in our own sources fails the check).
+# Environment: NVCC (default nvcc), CUDA_ARCH (default "sm_80 sm_90": CI's TORCH_CUDA_ARCH_LIST,
+#   each compiled; ptxas spills differ per architecture), NVCC_EXTRA (more flags),
+#   CHECK_CUDA_WERROR (default 1: a warning in our own sources fails the check), CHECK_CUDA_VERBOSE
+#   (1: print the compiler's log also when clean, e.g. with NVCC_EXTRA="-Xptxas -v" for registers).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)"
 NVCC="${NVCC:-nvcc}"
-ARCH="${CUDA_ARCH:-sm_90}"
+read -r -a ARCHS <<<"${CUDA_ARCH:-sm_80 sm_90}"
 
 if ! command -v "$NVCC" >/dev/null 2>&1; then
   echo "check_cuda: nvcc not found (set NVCC=/path/to/nvcc)" >&2
@@ -47,7 +49,8 @@ read -r -a TORCH_NVCC_FLAGS <<<"${TORCH_INFO[2]}"
 read -r -a EXTRA <<<"${NVCC_EXTRA:-}"
 
 FLAGS=(
-  -c "-arch=$ARCH" -std=c++17 -O2
+  # setup.py's nvcc flags (-O3 -lineinfo): ptxas's register allocation, and so its spills, depend on them
+  -c -std=c++17 -O3 -lineinfo
   # CPU torch wheels lack c10/cuda/impl/cuda_cmake_macros.h; this is what it would define.
   -DC10_CUDA_BUILD_SHARED_LIBS -DC10_CUDA_NO_CMAKE_CONFIGURE_FILE
   -DSGG_KERNELS_WITH_CUDA=1 -DPy_LIMITED_API=0x030A0000
@@ -84,7 +87,9 @@ for src in "${FILES[@]}"; do
   obj="$OBJDIR/$(basename "$src" .cu).o"
   log="$OBJDIR/$(basename "$src" .cu).log"
   start=$SECONDS
-  if "$NVCC" "${FLAGS[@]}" ${EXTRA[@]+"${EXTRA[@]}"} "$src" -o "$obj" >"$log" 2>&1; then
+  GENCODE=()
+  for a in "${ARCHS[@]}"; do GENCODE+=(-gencode "arch=compute_${a#sm_},code=$a"); done
+  if "$NVCC" "${FLAGS[@]}" "${GENCODE[@]}" ${EXTRA[@]+"${EXTRA[@]}"} "$src" -o "$obj" >"$log" 2>&1; then
     # ours: warnings located in csrc/, and ptxas warnings (spills, local memory) about our kernels
     own=$(grep -E "^$ROOT/csrc/[^:(]*[:(][0-9]+.*warning|^ptxas.*warning" "$log" || true)
     nown=$(printf '%s' "$own" | grep -c . || true)
@@ -95,6 +100,7 @@ for src in "${FILES[@]}"; do
       sed 's/^/      /' "$log"
     else
       echo "ok    $rel ($((SECONDS - start)) s, 0 warnings in our sources, $nhdr warning lines from torch headers)"
+      [[ "${CHECK_CUDA_VERBOSE:-0}" == "1" ]] && sed 's/^/      /' "$log"
     fi
   else
     echo "FAIL  $rel ($((SECONDS - start)) s)"

@@ -5,7 +5,7 @@
 //   _pair_geometry_backward  its gradient w.r.t. the boxes
 //   _roi_align               RoIAlign (torchvision's semantics), optionally over the pairs' union
 //                            boxes computed on the fly
-//   _roi_align_backward      its gradient w.r.t. the features
+//   _roi_align_backward      its gradient w.r.t. the features (both separable, below)
 // The math (and the spec every backend matches) is sgg_kernels/reference/pairs.py.
 // _pairwise_edge_fusion (Eq. 12-14) runs in Triton on CUDA (sgg_kernels/triton/pairs.py).
 //
@@ -15,6 +15,31 @@
 //
 // Out-of-range indices (pairs outside [0, K), box_batch outside [0, B); possible only with
 // set_checks(False)) are never read: that output is 0 and it contributes no gradient.
+//
+// RoIAlign is separable (the reference's (*)): per RoI out[r, c] = Ay[r] F[b, c] Ax[r]^T, and bin i
+// of Ay touches only ~bin_h + 2 consecutive rows (Ax likewise). The kernels build Ay and Ax once
+// per (RoI, channel block) in shared memory and contract directly over the taps (the section
+// "Separable RoIAlign" below); the per-sample kernels remain as the fallback for shared-memory
+// layouts above the device's limit. Floor and estimate at the benchmark sizes
+// (sgg_kernels/bench/cases/pairs.py: map [4, 256, 64, 96] float32, 7 x 7, adaptive sampling, not
+// aligned; floors from sgg_kernels/bench/floors.py, H100 datasheet; the counts below come from the
+// cases' boxes through the reference's _roi_weights; nothing was measured on a GPU):
+//   union_roi_align sgdet (P = 25,280): floor 1,234 MB and 114 GFLOP per pass (torchvision's
+//     per-sample count: 55.6 M samples per channel, 4 multiply-adds each): 1.7 ms, FMA-bound.
+//     Forward here: sum_r (sum_i Ly_i)(sum_j Lx_j + pw) = 73.7 M multiply-adds per channel, 18.9 G
+//     in all (37.7 GFLOP, a third of the per-sample count: ~0.56 ms at 67 TFLOP/s), one load of F
+//     per multiply-add (the x weights in registers; the per-sample kernel: 4 tap loads per sample,
+//     57 G): ~2.5 ms if bound by L1 load issue (32 lanes / clk / SM). Each (RoI, channel) reads its
+//     window: 50.1 M pixels per channel, 51 GB from L2 to the SMs if L1 keeps nothing across RoIs
+//     (the map itself, 24 MB, stays L2-resident, so HBM moves ~ the floor's bytes; the output,
+//     1.2 GB, is written once): ~10 ms at ~5 TB/s of L2, the likely bound. The lever left: blocks
+//     over several RoIs of one image sharing a resident feature plane (the CPU kernel's chunks).
+//     Backward: one atomicAdd per (RoI, channel, touched pixel), 12.8 G (the per-sample kernel: 4
+//     per sample and channel, 57 G), 32 G multiply-adds; expect it bound by atomic throughput at L2.
+//   union_roi_align paper (P = 2,400): floor 139 MB, 11.2 GFLOP (167 us); forward 1.85 G
+//     multiply-adds, 5.0 GB of windows; backward 1.26 G atomics (per-sample: 5.6 G).
+//   roi_align sgdet / paper (320 / 100 boxes): floor 39 / 29 MB, memory-bound (12 / 9 us); forward
+//     93 M / 30 M multiply-adds, 184 / 61 MB of windows; backward 46 M / 15 M atomics.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -25,6 +50,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <limits>
 #include <optional>
 #include <type_traits>
 
@@ -302,14 +328,15 @@ __device__ __forceinline__ bool axis_taps(acc_t pos, int64_t size, int64_t& low,
 }
 
 // features [B, D, H, W] (H, W > 0), boxes [K, 4] acc_t, box_batch [K], pairs [P, 2] or null;
-// out [R, D, ph, pw]. One thread per output element, pw fastest (coalesced stores; neighbouring
-// threads read neighbouring pixels of one channel plane).
+// out [R, D, ph, pw]. The fallback forward: one thread per output element, pw fastest (coalesced
+// stores; neighbouring threads read neighbouring pixels of one channel plane).
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads)
-    roi_align_kernel(const scalar_t* __restrict__ features, const acc_t* __restrict__ boxes,
-                     const int64_t* __restrict__ box_batch, const int64_t* __restrict__ pairs, int64_t N, int64_t K,
-                     int64_t B, int64_t D, int64_t H, int64_t W, int64_t pooled_h, int64_t pooled_w, acc_t scale,
-                     int64_t sampling_ratio, bool aligned, scalar_t* __restrict__ out) {
+    roi_align_sample_kernel(const scalar_t* __restrict__ features, const acc_t* __restrict__ boxes,
+                            const int64_t* __restrict__ box_batch, const int64_t* __restrict__ pairs, int64_t N,
+                            int64_t K, int64_t B, int64_t D, int64_t H, int64_t W, int64_t pooled_h,
+                            int64_t pooled_w, acc_t scale, int64_t sampling_ratio, bool aligned,
+                            scalar_t* __restrict__ out) {
   SGG_KERNEL_LOOP(idx, N) {
     const int64_t pw = idx % pooled_w;
     const int64_t ph = (idx / pooled_w) % pooled_h;
@@ -349,17 +376,17 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// grad [R, D, ph, pw]; ws [B, D, H, W] acc_t, zeroed (H, W > 0). One thread per grad element:
-// grad f[b] = sum_{r in b} Ay[r]^T (G[r] / count) Ax[r], scattered sample by sample with
-// atomicAdd (float32 / float64 atomics only: half/bf16 never use 16-bit atomics).
+// grad [R, D, ph, pw]; ws [B, D, H, W] acc_t, zeroed (H, W > 0). The fallback backward: one thread
+// per grad element, grad f[b] = sum_{r in b} Ay[r]^T (G[r] / count) Ax[r], scattered sample by
+// sample with atomicAdd (float32 / float64 atomics only: half/bf16 never use 16-bit atomics).
 // NOT bitwise deterministic (float atomics), like torchvision's CUDA roi_align backward.
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads)
-    roi_align_backward_kernel(const scalar_t* __restrict__ grad, const acc_t* __restrict__ boxes,
-                              const int64_t* __restrict__ box_batch, const int64_t* __restrict__ pairs, int64_t N,
-                              int64_t K, int64_t B, int64_t D, int64_t H, int64_t W, int64_t pooled_h,
-                              int64_t pooled_w, acc_t scale, int64_t sampling_ratio, bool aligned,
-                              acc_t* __restrict__ ws) {
+    roi_align_sample_backward_kernel(const scalar_t* __restrict__ grad, const acc_t* __restrict__ boxes,
+                                     const int64_t* __restrict__ box_batch, const int64_t* __restrict__ pairs,
+                                     int64_t N, int64_t K, int64_t B, int64_t D, int64_t H, int64_t W,
+                                     int64_t pooled_h, int64_t pooled_w, acc_t scale, int64_t sampling_ratio,
+                                     bool aligned, acc_t* __restrict__ ws) {
   SGG_KERNEL_LOOP(idx, N) {
     const int64_t pw = idx % pooled_w;
     const int64_t ph = (idx / pooled_w) % pooled_h;
@@ -396,6 +423,381 @@ __global__ void __launch_bounds__(kThreads)
         atomicAdd(row_h + xh, gyh * wxh);
       }
     }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Separable RoIAlign (the kernels used; the per-sample kernels above are the fallback for
+// layouts that do not fit in shared memory). Per RoI the output is (*) of the reference,
+//   out[r, c] = Ay[r] F[b, c] Ax[r]^T,   Ay [ph, H], Ax [pw, W]  (1/count folded into Ay),
+// and bin i of Ay is nonzero only on a short contiguous range of rows [ylo[i], yhi[i]] (its n_h
+// samples' two taps: about bin_h + 2 rows), likewise Ax. One block per (RoI, channel block):
+//   1. the block builds Ay and Ax once in shared memory (one thread per bin, its samples in
+//      order: the same positions, roundings and clamping as the per-sample kernels, and the same
+//      per-pixel summation order as the CPU kernel), amortised over the block's channels;
+//   2. forward: one thread per output (c, i, j), directly over the taps,
+//        out = sum_{y in [ylo_i, yhi_i]} Ay[i, y] sum_{x in [xlo_j, xhi_j]} Ax[j, x] F[c, y, x]
+//      (the x weights of bin j in registers when it spans <= kSepRegTaps columns);
+//   3. backward: grad F[b, c, y, x] += sum_{i in I(y)} Ay[i, y] sum_{j in J(x)} G[c, i, j] Ax[j, x]
+//      over the pixels (y, x) some bin touches (I(y), J(x): the bins touching row y / column x,
+//      a compacted list built once per RoI), G[r, channel block] staged in shared memory: one
+//      atomicAdd per (RoI, channel, touched pixel) instead of 4 per (sample, channel).
+// Why direct taps and not the two GEMM-like passes T = F Ax^T, Ay T: with the adaptive
+// sampling of the benchmark cases a bin spans ~bin + 2 pixels per axis, so the direct form costs
+// (sum_i Ly_i)(sum_j Lx_j + pw) multiply-adds per (RoI, channel) and needs no temporary; the two
+// passes cost span_y (sum_j Lx_j) + (sum_i Ly_i) pw, 14 % fewer at sgdet (63.6 M vs 73.7 M per
+// channel), but hold T [span_y, pw] per channel (a 64-row union box: 448 values per channel, x 37
+// channels) in shared memory and add a barrier between the passes. A dense
+// tensor-core contraction of the window (~7 H' W' multiply-adds per (RoI, channel)) would be ~4x
+// the direct tap count.
+// Shared memory (dynamic, sized by the host from ph, pw, H, W): wy [ph*H], wx [pw*W] in acc_t
+// (the dense rows of Ay / Ax, zero outside each bin's range), the ranges [2 (ph + pw)] ints; the
+// backward adds G [cb * ph * pw] acc_t and the compacted rows / columns with their bin ranges
+// [3 (H + W) + 2] ints. At the benchmark sizes (7 x 7, H = 64, W = 96, float32, cb = 37): 4.6 KB
+// forward, 9.3 KB backward. Above the device's opt-in limit the host falls back to the per-sample kernels.
+constexpr int kSepOutputs = 2048;  // outputs (c, i, j) per block: sets the channels per block cb
+constexpr int kSepRegTaps = 16;    // bin widths (pixels) whose x weights stay in registers (float; 8 double)
+constexpr int kSepPixelBins = 4;   // backward: bins per axis touching a pixel, weights in registers
+static_assert(kThreads >= 64, "roi_align_backward_kernel compacts rows and columns with warps 0 and 1");
+
+// Pointers into the dynamic shared memory of the separable kernels.
+template <typename acc_t>
+struct SepTaps {
+  acc_t* wy;   // [ph * H]: wy[i * H + y] = Ay[i, y] / count, 0 outside [ylo[i], yhi[i]]
+  acc_t* wx;   // [pw * W]: wx[j * W + x] = Ax[j, x]
+  acc_t* g;    // [cb * ph * pw] (backward): G[r, c0 + c, i, j]
+  int* ylo;    // [ph], inclusive ranges; ylo > yhi: the bin reads nothing (no valid sample)
+  int* yhi;
+  int* xlo;    // [pw]
+  int* xhi;
+  int* rows;   // [H] (backward): the rows some bin touches, ascending
+  int* row_a;  // [H]: I(rows[k]) = [row_a[k], row_b[k]]
+  int* row_b;
+  int* cols;   // [W], col_a, col_b [W]: likewise for the columns
+  int* col_a;
+  int* col_b;
+  int* counts;  // [2]: number of rows, columns
+};
+
+// The bytes of that layout (host and device agree on it): the acc_t arrays first (8-byte
+// aligned), then the ints.
+__host__ __device__ inline int64_t sep_smem_bytes(bool backward, int64_t ph, int64_t pw, int64_t H, int64_t W,
+                                                  int64_t cb, int64_t acc_size) {
+  const int64_t accs = ph * H + pw * W + (backward ? cb * ph * pw : 0);
+  const int64_t ints = 2 * (ph + pw) + (backward ? 3 * (H + W) + 2 : 0);
+  return accs * acc_size + ints * static_cast<int64_t>(sizeof(int));
+}
+
+template <typename acc_t>
+__device__ __forceinline__ SepTaps<acc_t> sep_layout(unsigned char* smem, bool backward, int ph, int pw, int H,
+                                                     int W, int cb) {
+  SepTaps<acc_t> t;
+  t.wy = reinterpret_cast<acc_t*>(smem);
+  t.wx = t.wy + ph * H;
+  t.g = t.wx + pw * W;
+  int* q = reinterpret_cast<int*>(t.g + (backward ? cb * ph * pw : 0));
+  t.ylo = q;
+  t.yhi = t.ylo + ph;
+  t.xlo = t.yhi + ph;
+  t.xhi = t.xlo + pw;
+  t.rows = t.xhi + pw;
+  t.row_a = t.rows + H;
+  t.row_b = t.row_a + H;
+  t.cols = t.row_b + H;
+  t.col_a = t.cols + W;
+  t.col_b = t.col_a + W;
+  t.counts = t.col_b + W;
+  return t;
+}
+
+// Bin p of one axis: w (= its dense row, zeroed) += the two taps of each of its a.n samples, in
+// sample order (exactly the per-sample kernels' sample_pos and axis_taps), then scaled by `scale`
+// (1/count for y, 1 for x: one reciprocal per RoI, no divide per weight); [lo, hi] the pixels
+// touched (lo > hi: none). Sequential over the samples: deterministic, and the per-pixel sums in
+// the CPU kernel's order. (The IEEE divide inside sample_pos stays: it decides floor() and must
+// round as the reference's; it runs once per sample and RoI, not per channel.) Returns (lo, hi).
+template <typename acc_t>
+__device__ __forceinline__ int2 build_bin_inline(const RoiAxis<acc_t>& a, int p, int size, acc_t* __restrict__ w,
+                                                 acc_t scale) {
+  int l = size, h = -1;
+  for (int64_t i = 0; i < a.n; ++i) {
+    int64_t tl, th;
+    acc_t wl, wh;
+    if (!axis_taps(sample_pos(a, p, i), size, tl, th, wl, wh)) continue;
+    w[tl] += wl;
+    w[th] += wh;
+    l = min(l, static_cast<int>(tl));
+    h = max(h, static_cast<int>(th));
+  }
+  if (scale != static_cast<acc_t>(1)) {
+    for (int y = l; y <= h; ++y) w[y] *= scale;
+  }
+  return make_int2(l, h);
+}
+
+// build_bin for double, not inlined: inlined, the double divide's slow path made ptxas spill in the
+// double forward (112 B, sm_80). Arguments and result by value: a call with reference outputs needs a
+// stack frame. float stays inlined: across the call, sm_90's ABI spilled the float forward (36 B).
+template <typename acc_t>
+__device__ __noinline__ int2 build_bin_call(const RoiAxis<acc_t> a, int p, int size, acc_t* __restrict__ w,
+                                            acc_t scale) {
+  return build_bin_inline(a, p, size, w, scale);
+}
+
+template <typename acc_t>
+__device__ __forceinline__ int2 build_bin(const RoiAxis<acc_t>& a, int p, int size, acc_t* __restrict__ w,
+                                          acc_t scale) {
+  if constexpr (sizeof(acc_t) > 4) {
+    return build_bin_call(a, p, size, w, scale);
+  } else {
+    return build_bin_inline(a, p, size, w, scale);
+  }
+}
+
+// Builds the taps of RoI r in shared memory (every thread of the block calls it; it ends with a
+// barrier). Returns false (block-uniform) for an invalid RoI: nothing is built, the RoI reads 0.
+template <typename acc_t>
+__device__ bool build_sep_taps(const acc_t* __restrict__ boxes, const int64_t* __restrict__ box_batch,
+                               const int64_t* __restrict__ pairs, int64_t r, int64_t K, int64_t B, int ph, int pw,
+                               int H, int W, acc_t scale, int64_t sampling_ratio, bool aligned,
+                               const SepTaps<acc_t>& t, int64_t& b) {
+  acc_t x1, y1, x2, y2;
+  if (!read_roi(boxes, box_batch, pairs, r, K, B, x1, y1, x2, y2, b)) return false;  // same for every thread
+  const acc_t offset = aligned ? static_cast<acc_t>(0.5) : static_cast<acc_t>(0);
+  const RoiAxis<acc_t> ay = roi_axis(y1, y2, scale, offset, aligned, static_cast<int64_t>(ph), sampling_ratio);
+  const RoiAxis<acc_t> ax = roi_axis(x1, x2, scale, offset, aligned, static_cast<int64_t>(pw), sampling_ratio);
+  const int64_t cnt = ay.n * ax.n;
+  const acc_t inv_count = static_cast<acc_t>(1) / static_cast<acc_t>(cnt > 1 ? cnt : 1);
+  const int dense = ph * H + pw * W;  // wy and wx are contiguous
+  for (int k = threadIdx.x; k < dense; k += blockDim.x) t.wy[k] = static_cast<acc_t>(0);
+  __syncthreads();
+  for (int q = threadIdx.x; q < ph + pw; q += blockDim.x) {
+    if (q < ph) {
+      const int2 range = build_bin(ay, q, H, t.wy + q * H, inv_count);
+      t.ylo[q] = range.x;
+      t.yhi[q] = range.y;
+    } else {
+      const int2 range = build_bin(ax, q - ph, W, t.wx + (q - ph) * W, static_cast<acc_t>(1));
+      t.xlo[q - ph] = range.x;
+      t.xhi[q - ph] = range.y;
+    }
+  }
+  __syncthreads();
+  return true;
+}
+
+// build_sep_taps as one call (not inlined), its layout recomputed inside from the dynamic shared
+// memory: the tap building holds the IEEE divides (and their slow-path calls); inlined into the
+// kernels, the values live across those calls (the shared-memory pointers above all) spilled under
+// the call ABI (sm_90 float forward: 36 B). Returns the RoI's image, or -1 for an invalid RoI.
+template <typename acc_t>
+__device__ __noinline__ int64_t build_sep_taps_call(const acc_t* __restrict__ boxes,
+                                                    const int64_t* __restrict__ box_batch,
+                                                    const int64_t* __restrict__ pairs, int64_t r, int64_t K,
+                                                    int64_t B, int ph, int pw, int H, int W, int cb, bool backward,
+                                                    acc_t scale, int64_t sampling_ratio, bool aligned) {
+  extern __shared__ __align__(16) unsigned char sep_smem[];
+  const SepTaps<acc_t> t = sep_layout<acc_t>(sep_smem, backward, ph, pw, H, W, cb);
+  int64_t b = -1;
+  return build_sep_taps(boxes, box_batch, pairs, r, K, B, ph, pw, H, W, scale, sampling_ratio, aligned, t, b) ? b
+                                                                                                              : -1;
+}
+
+// The pixels of one axis that some bin touches, ascending, with the range of bins touching each
+// ([a, b]: every bin touching it lies in it; bins inside that do not touch it have weight 0 there),
+// compacted by one warp with ballots (deterministic). Called by all 32 lanes of one warp.
+__device__ __forceinline__ void compact_axis(const int* __restrict__ lo, const int* __restrict__ hi, int pooled,
+                                             int* __restrict__ list, int* __restrict__ ia, int* __restrict__ ib,
+                                             int* __restrict__ count) {
+  const int lane = threadIdx.x & 31;
+  int span_lo = INT32_MAX, span_hi = -1;
+  for (int p = 0; p < pooled; ++p) {
+    if (lo[p] <= hi[p]) {
+      span_lo = min(span_lo, lo[p]);
+      span_hi = max(span_hi, hi[p]);
+    }
+  }
+  int n = 0;
+  for (int base = span_lo; base <= span_hi; base += 32) {  // warp-uniform trip count
+    const int y = base + lane;
+    int a = pooled, bb = -1;
+    if (y <= span_hi) {
+      for (int p = 0; p < pooled; ++p) {
+        if (lo[p] <= y && y <= hi[p]) {
+          a = min(a, p);
+          bb = max(bb, p);
+        }
+      }
+    }
+    const bool touched = a <= bb;
+    const unsigned int m = __ballot_sync(0xffffffffu, touched);
+    if (touched) {
+      const int pos = n + __popc(m & ((1u << lane) - 1u));
+      list[pos] = y;
+      ia[pos] = a;
+      ib[pos] = bb;
+    }
+    n += __popc(m);
+  }
+  if (lane == 0) *count = n;
+}
+
+// features [B, D, H, W] (H, W > 0), boxes [K, 4] acc_t, box_batch [K], pairs [P, 2] or null;
+// out [R, D, ph, pw]. Grid (RoIs, channel blocks of cb), both grid-strided; one thread per output
+// of the block's cb x ph x pw (coalesced stores, pw fastest). Deterministic.
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+    roi_align_kernel(const scalar_t* __restrict__ features, const acc_t* __restrict__ boxes,
+                     const int64_t* __restrict__ box_batch, const int64_t* __restrict__ pairs, int64_t R, int64_t K,
+                     int64_t B, int64_t D, int H, int W, int ph, int pw, int cb, acc_t scale, int64_t sampling_ratio,
+                     bool aligned, scalar_t* __restrict__ out) {
+  extern __shared__ __align__(16) unsigned char sep_smem[];
+  const SepTaps<acc_t> t = sep_layout<acc_t>(sep_smem, false, ph, pw, H, W, cb);
+  // 16 float / 8 double x weights in registers (the same register budget)
+  constexpr int kRegTaps = sizeof(acc_t) > 4 ? kSepRegTaps / 2 : kSepRegTaps;
+  const int bins = ph * pw;
+  for (int64_t r = blockIdx.x; r < R; r += gridDim.x) {
+    const int64_t b =
+        build_sep_taps_call(boxes, box_batch, pairs, r, K, B, ph, pw, H, W, cb, false, scale, sampling_ratio, aligned);
+    const bool valid = b >= 0;
+    for (int64_t c0 = static_cast<int64_t>(blockIdx.y) * cb; c0 < D; c0 += static_cast<int64_t>(gridDim.y) * cb) {
+      const int nc = static_cast<int>(D - c0 < cb ? D - c0 : cb);
+      scalar_t* o = out + (r * D + c0) * bins;
+      const int items = nc * bins;
+      if (!valid) {  // invalid RoI: zero output
+        for (int k = threadIdx.x; k < items; k += blockDim.x) o[k] = static_cast<scalar_t>(0);
+        continue;
+      }
+      for (int k = threadIdx.x; k < items; k += blockDim.x) {
+        // int32 index math, once per output (not per tap)
+        const int c = k / bins;
+        const int bin = k - c * bins;
+        const int i = bin / pw;
+        const int j = bin - i * pw;
+        const scalar_t* f = features + (b * D + c0 + c) * H * W;
+        const int y0 = t.ylo[i], y1 = t.yhi[i];
+        const int x0 = t.xlo[j], x1 = t.xhi[j];
+        const acc_t* wyi = t.wy + i * H;
+        const acc_t* wxj = t.wx + j * W + x0;
+        const int nx = x1 - x0 + 1;  // <= 0: the bin reads nothing
+        acc_t sum = static_cast<acc_t>(0);
+        if (nx > 0 && nx <= kRegTaps) {
+          acc_t wr[kRegTaps];  // the bin's x weights, in registers for all its rows
+#pragma unroll
+          for (int q = 0; q < kRegTaps; ++q) wr[q] = q < nx ? wxj[q] : static_cast<acc_t>(0);
+          for (int y = y0; y <= y1; ++y) {
+            const scalar_t* row = f + static_cast<int64_t>(y) * W + x0;
+            acc_t s = static_cast<acc_t>(0);
+#pragma unroll
+            for (int q = 0; q < kRegTaps; ++q) {
+              if (q < nx) s += wr[q] * static_cast<acc_t>(row[q]);
+            }
+            sum += wyi[y] * s;
+          }
+        } else if (nx > 0) {
+          for (int y = y0; y <= y1; ++y) {
+            const scalar_t* row = f + static_cast<int64_t>(y) * W + x0;
+            acc_t s = static_cast<acc_t>(0);
+            for (int q = 0; q < nx; ++q) s += wxj[q] * static_cast<acc_t>(row[q]);
+            sum += wyi[y] * s;
+          }
+        }
+        o[k] = static_cast<scalar_t>(sum);  // 1/count is in wy; no sample (n = 0): 0
+      }
+    }
+    __syncthreads();  // the next RoI rebuilds the taps
+  }
+}
+
+// grad [R, D, ph, pw]; ws [B, D, H, W] acc_t, zeroed (H, W > 0). Grid (RoIs, channel blocks of
+// cb). Per RoI: taps, then the touched rows / columns compacted (warps 0 and 1); per channel
+// block: G staged in shared memory, then one thread per (touched pixel, channel slice) adds
+//   sum_{i in I(y)} Ay[i, y] sum_{j in J(x)} G[c, i, j] Ax[j, x]
+// with one atomicAdd per (RoI, channel, pixel) (float32 / float64 atomics only: half/bf16 never
+// use 16-bit atomics; exact zeros are skipped, they add nothing to a workspace that starts at +0).
+// NOT bitwise deterministic (float atomics across RoIs), like torchvision's CUDA backward.
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+    roi_align_backward_kernel(const scalar_t* __restrict__ grad, const acc_t* __restrict__ boxes,
+                              const int64_t* __restrict__ box_batch, const int64_t* __restrict__ pairs, int64_t R,
+                              int64_t K, int64_t B, int64_t D, int H, int W, int ph, int pw, int cb, acc_t scale,
+                              int64_t sampling_ratio, bool aligned, acc_t* __restrict__ ws) {
+  extern __shared__ __align__(16) unsigned char sep_smem[];
+  const SepTaps<acc_t> t = sep_layout<acc_t>(sep_smem, true, ph, pw, H, W, cb);
+  const int bins = ph * pw;
+  const int warp = static_cast<int>(threadIdx.x) >> 5;
+  for (int64_t r = blockIdx.x; r < R; r += gridDim.x) {
+    const int64_t b =
+        build_sep_taps_call(boxes, box_batch, pairs, r, K, B, ph, pw, H, W, cb, true, scale, sampling_ratio, aligned);
+    if (b >= 0) {
+      if (warp == 0) compact_axis(t.ylo, t.yhi, ph, t.rows, t.row_a, t.row_b, t.counts);
+      if (warp == 1) compact_axis(t.xlo, t.xhi, pw, t.cols, t.col_a, t.col_b, t.counts + 1);
+      __syncthreads();
+      const int nrows = t.counts[0], ncols = t.counts[1];
+      const int npix = nrows * ncols;  // <= H * W (< 2^31, checked by the host)
+      for (int64_t c0 = static_cast<int64_t>(blockIdx.y) * cb; c0 < D && npix > 0;
+           c0 += static_cast<int64_t>(gridDim.y) * cb) {
+        const int nc = static_cast<int>(D - c0 < cb ? D - c0 : cb);
+        const scalar_t* gr = grad + (r * D + c0) * bins;
+        for (int k = threadIdx.x; k < nc * bins; k += blockDim.x) t.g[k] = static_cast<acc_t>(gr[k]);
+        __syncthreads();
+        // threads over (pixel, channel slice): all threads busy also for small RoIs; the pixel's
+        // index math and bin ranges are computed once for its channels.
+        int slices = static_cast<int>(blockDim.x) / npix;
+        slices = slices < 1 ? 1 : (slices > nc ? nc : slices);
+        acc_t* wsb = ws + (b * D + c0) * H * W;
+        for (int k = threadIdx.x; k < npix * slices; k += blockDim.x) {
+          const int slice = k / npix;
+          const int pix = k - slice * npix;
+          const int ry = pix / ncols;
+          const int cx = pix - ry * ncols;
+          const int y = t.rows[ry], x = t.cols[cx];
+          const int ia = t.row_a[ry], ib = t.row_b[ry];
+          const int ja = t.col_a[cx], jb = t.col_b[cx];
+          const int ni = ib - ia + 1, nj = jb - ja + 1;  // >= 1 (a touched pixel)
+          acc_t* dst = wsb + static_cast<int64_t>(y) * W + x;
+          if (ni <= kSepPixelBins && nj <= kSepPixelBins) {
+            // the pixel's Ay / Ax weights in registers for all its channels: per channel only the
+            // ni x nj grad values are loaded (from shared memory)
+            acc_t wyr[kSepPixelBins], wxr[kSepPixelBins];
+#pragma unroll
+            for (int q = 0; q < kSepPixelBins; ++q) {
+              wyr[q] = q < ni ? t.wy[(ia + q) * H + y] : static_cast<acc_t>(0);
+              wxr[q] = q < nj ? t.wx[(ja + q) * W + x] : static_cast<acc_t>(0);
+            }
+            for (int c = slice; c < nc; c += slices) {
+              const acc_t* gc = t.g + c * bins + ia * pw + ja;
+              acc_t v = static_cast<acc_t>(0);
+#pragma unroll
+              for (int qi = 0; qi < kSepPixelBins; ++qi) {
+                if (qi < ni) {
+                  acc_t s = static_cast<acc_t>(0);
+#pragma unroll
+                  for (int qj = 0; qj < kSepPixelBins; ++qj) {
+                    if (qj < nj) s += gc[qi * pw + qj] * wxr[qj];
+                  }
+                  v += wyr[qi] * s;
+                }
+              }
+              if (v != static_cast<acc_t>(0)) atomicAdd(dst + static_cast<int64_t>(c) * H * W, v);
+            }
+          } else {  // bins narrower than a pixel: many bins touch it
+            for (int c = slice; c < nc; c += slices) {
+              const acc_t* gc = t.g + c * bins;
+              acc_t v = static_cast<acc_t>(0);
+              for (int i = ia; i <= ib; ++i) {
+                acc_t s = static_cast<acc_t>(0);
+                for (int j = ja; j <= jb; ++j) s += gc[i * pw + j] * t.wx[j * W + x];
+                v += t.wy[i * H + y] * s;
+              }
+              if (v != static_cast<acc_t>(0)) atomicAdd(dst + static_cast<int64_t>(c) * H * W, v);
+            }
+          }
+        }
+        __syncthreads();  // g is restaged for the next channel block
+      }
+    }
+    __syncthreads();  // the next RoI rebuilds the taps
   }
 }
 
@@ -535,6 +937,49 @@ int64_t check_roi_inputs(const char* op, const at::Tensor& data, const char* dat
   return pr.size(0);
 }
 
+// The launch of the separable kernels: cb channels per block (about kSepOutputs outputs, the D
+// channels split evenly), grid (RoIs, channel blocks) capped at the grid limits (the kernels
+// grid-stride over both), and the dynamic shared memory; usable false when the layout exceeds the
+// device's opt-in shared memory or the kernels' int32 in-block indices (the per-sample fallback).
+struct SepLaunch {
+  bool usable = false;
+  int cb = 1;
+  dim3 grid;
+  int64_t smem = 0;
+};
+
+SepLaunch sep_launch(bool backward, int64_t R, int64_t D, int64_t H, int64_t W, int64_t ph, int64_t pw,
+                     int64_t acc_size) {
+  SepLaunch l;
+  const int64_t bins = ph * pw;
+  int64_t cb = std::max<int64_t>(1, std::min<int64_t>(D, kSepOutputs / std::max<int64_t>(bins, 1)));
+  const int64_t blocks_c = (D + cb - 1) / cb;
+  cb = (D + blocks_c - 1) / blocks_c;  // balanced: the last block is not a sliver
+  const int64_t kInt = std::numeric_limits<int32_t>::max();
+  if (H > kInt / std::max<int64_t>(W, 1) || cb * bins > kInt || ph * H + pw * W > kInt ||
+      ph + pw > kInt / 2) {
+    return l;
+  }
+  l.smem = sep_smem_bytes(backward, ph, pw, H, W, cb, acc_size);
+  int device = 0, optin = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  if (l.smem > optin) return l;
+  l.usable = true;
+  l.cb = static_cast<int>(cb);
+  l.grid = dim3(static_cast<unsigned int>(std::min<int64_t>(R, kInt)),
+                static_cast<unsigned int>(std::min<int64_t>(blocks_c, 65535)));
+  return l;
+}
+
+// Opts the kernel in to more than 48 KB of dynamic shared memory when the layout needs it.
+template <typename Kernel>
+void allow_smem(Kernel kernel, int64_t smem) {
+  if (smem > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  }
+}
+
 at::Tensor roi_align_cuda(const at::Tensor& features, const at::Tensor& boxes, const at::Tensor& box_batch,
                           const std::optional<at::Tensor>& pairs, int64_t pooled_h, int64_t pooled_w,
                           double spatial_scale, int64_t sampling_ratio, bool aligned) {
@@ -560,10 +1005,20 @@ at::Tensor roi_align_cuda(const at::Tensor& features, const at::Tensor& boxes, c
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f.scalar_type(), "roi_align_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    roi_align_kernel<scalar_t, acc_t><<<grid_for(N), kThreads, 0, stream>>>(
-        f.data_ptr<scalar_t>(), bx.data_ptr<acc_t>(), bb.data_ptr<int64_t>(),
-        pr.defined() ? pr.data_ptr<int64_t>() : nullptr, N, K, B, D, H, W, pooled_h, pooled_w,
-        static_cast<acc_t>(spatial_scale), sampling_ratio, aligned, out.data_ptr<scalar_t>());
+    const int64_t* prp = pr.defined() ? pr.data_ptr<int64_t>() : nullptr;
+    const SepLaunch l = sep_launch(false, R, D, H, W, pooled_h, pooled_w, sizeof(acc_t));
+    if (l.usable) {
+      auto kernel = roi_align_kernel<scalar_t, acc_t>;
+      allow_smem(kernel, l.smem);
+      kernel<<<l.grid, kThreads, static_cast<size_t>(l.smem), stream>>>(
+          f.data_ptr<scalar_t>(), bx.data_ptr<acc_t>(), bb.data_ptr<int64_t>(), prp, R, K, B, D,
+          static_cast<int>(H), static_cast<int>(W), static_cast<int>(pooled_h), static_cast<int>(pooled_w), l.cb,
+          static_cast<acc_t>(spatial_scale), sampling_ratio, aligned, out.data_ptr<scalar_t>());
+    } else {  // the layout does not fit in shared memory: per-sample kernel
+      roi_align_sample_kernel<scalar_t, acc_t><<<grid_for(N), kThreads, 0, stream>>>(
+          f.data_ptr<scalar_t>(), bx.data_ptr<acc_t>(), bb.data_ptr<int64_t>(), prp, N, K, B, D, H, W, pooled_h,
+          pooled_w, static_cast<acc_t>(spatial_scale), sampling_ratio, aligned, out.data_ptr<scalar_t>());
+    }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
@@ -595,10 +1050,20 @@ at::Tensor roi_align_backward_cuda(const at::Tensor& grad, const at::Tensor& box
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "roi_align_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    roi_align_backward_kernel<scalar_t, acc_t><<<grid_for(N), kThreads, 0, stream>>>(
-        g.data_ptr<scalar_t>(), bx.data_ptr<acc_t>(), bb.data_ptr<int64_t>(),
-        pr.defined() ? pr.data_ptr<int64_t>() : nullptr, N, K, B, D, H, W, pooled_h, pooled_w,
-        static_cast<acc_t>(spatial_scale), sampling_ratio, aligned, ws.data_ptr<acc_t>());
+    const int64_t* prp = pr.defined() ? pr.data_ptr<int64_t>() : nullptr;
+    const SepLaunch l = sep_launch(true, R, D, H, W, pooled_h, pooled_w, sizeof(acc_t));
+    if (l.usable) {
+      auto kernel = roi_align_backward_kernel<scalar_t, acc_t>;
+      allow_smem(kernel, l.smem);
+      kernel<<<l.grid, kThreads, static_cast<size_t>(l.smem), stream>>>(
+          g.data_ptr<scalar_t>(), bx.data_ptr<acc_t>(), bb.data_ptr<int64_t>(), prp, R, K, B, D,
+          static_cast<int>(H), static_cast<int>(W), static_cast<int>(pooled_h), static_cast<int>(pooled_w), l.cb,
+          static_cast<acc_t>(spatial_scale), sampling_ratio, aligned, ws.data_ptr<acc_t>());
+    } else {  // the layout does not fit in shared memory: per-sample kernel
+      roi_align_sample_backward_kernel<scalar_t, acc_t><<<grid_for(N), kThreads, 0, stream>>>(
+          g.data_ptr<scalar_t>(), bx.data_ptr<acc_t>(), bb.data_ptr<int64_t>(), prp, N, K, B, D, H, W, pooled_h,
+          pooled_w, static_cast<acc_t>(spatial_scale), sampling_ratio, aligned, ws.data_ptr<acc_t>());
+    }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return ws.to(grad.scalar_type());
