@@ -162,8 +162,9 @@ def launch_all(rec, B, M, C, D, dtype, sigmoid):
 
 
 def launch_pairs(rec, K, P, D, C, Du, dtype, strided):
-    """pairwise_edge_fusion forward and backward at one size, with and without union and bias."""
-    rec.tag = f"K{K} P{P} D{D} C{C} Du{Du} {DTYPE[dtype]}{' strided' if strided else ''}"
+    """pairwise_edge_fusion forward and backward at one size, with and without union and bias, in
+    both forms (product, and sum: the kernels' SUM flag)."""
+    tag = f"K{K} P{P} D{D} C{C} Du{Du} {DTYPE[dtype]}{' strided' if strided else ''}"
     if strided:
         e = torch.zeros(K, 2 * D, dtype=dtype)
         subj, obj = e[:, :D], e[:, D:]
@@ -172,10 +173,12 @@ def launch_pairs(rec, K, P, D, C, Du, dtype, strided):
     pairs = torch.zeros(P, 2, dtype=torch.int64)
     union = torch.zeros(P, Du, dtype=dtype)
     weight, bias, grad = torch.zeros(C, D, dtype=dtype), torch.zeros(C, dtype=dtype), torch.zeros(P, C, dtype=dtype)
-    for u in (union, None):
-        for b in (bias, None):
-            pair_launchers.pairwise_edge_fusion(subj, obj, u, pairs, weight, b)
-            pair_launchers.pairwise_edge_fusion_backward(grad, subj, obj, u, pairs, weight, b is not None)
+    for sum_mode in (False, True):
+        rec.tag = tag + (" sum" if sum_mode else "")
+        for u in (union, None):
+            for b in (bias, None):
+                pair_launchers.pairwise_edge_fusion(subj, obj, u, pairs, weight, b, sum_mode)
+                pair_launchers.pairwise_edge_fusion_backward(grad, subj, obj, u, pairs, weight, b is not None, sum_mode)
 
 
 def launch_prototypes(rec, N, Q, D, dtype, layout):

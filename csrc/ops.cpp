@@ -61,12 +61,13 @@ TORCH_LIBRARY(sgg_kernels, m) {
   m.def(
       "_roi_align_backward(Tensor grad, Tensor boxes, Tensor box_batch, Tensor? pairs, int B, int H, int W, "
       "float spatial_scale, int sampling_ratio, bool aligned) -> Tensor");
+  // sum_mode: the sum form g = (subj[s] + obj[o]) * u instead of the product subj[s] * obj[o] * u.
   m.def(
       "_pairwise_edge_fusion(Tensor subj, Tensor obj, Tensor? union_feats, Tensor pairs, Tensor weight, "
-      "Tensor? bias) -> Tensor");
+      "Tensor? bias, bool sum_mode=False) -> Tensor");
   m.def(
       "_pairwise_edge_fusion_backward(Tensor grad, Tensor subj, Tensor obj, Tensor? union_feats, Tensor pairs, "
-      "Tensor weight, bool has_bias) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "Tensor weight, bool has_bias, bool sum_mode=False) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 
   // family masks (segmentation-grounded SGG, Eq. 6); math and backward: sgg_kernels/reference/masks.py.
   // out_size = 0 (and boxes None): the objects' own frames, [P, C, m, m]; else the union frame [P, C, R, R].

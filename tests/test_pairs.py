@@ -4,7 +4,9 @@ reference, and the reference against independent oracles.
 Forward and every gradient in float32/float16/bfloat16/float64; odd shapes (K = 1, D = 1,
 D = 257, Du < D, self-pairs), strided subject/object halves, empty inputs (P = 0, K = 0), an image
 with one box, degenerate and out-of-map boxes, out-of-range indices with checks off, gradcheck,
-opcheck, determinism, torchvision parity on a GPU.
+opcheck, determinism, torchvision parity on a GPU. Every pairwise_edge_fusion test runs both forms
+(``mode="product"``, LinkNet's g = subj * obj * u, and ``mode="sum"``, SGB's g = (subj + obj) * u),
+against the reference and against :func:`_fusion_oracle` (g materialised, then a matmul).
 """
 import math
 
@@ -19,6 +21,19 @@ from helpers import HAS_CUDA, assert_close, backend_params, gradcheck_params, re
 
 K = ops.KERNELS
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+MODES = ["product", "sum"]
+
+
+def _fusion_oracle(subj, obj, union, pairs, weight, bias, mode):
+    """pairwise_edge_fusion written out independently of the package: gather both rows, combine them
+    (product or sum), multiply the first Du dims by union, matmul with weight^T, add bias."""
+    a, b = subj[pairs[:, 0]], obj[pairs[:, 1]]
+    g = a * b if mode == "product" else a + b
+    if union is not None:
+        Du = union.shape[1]
+        g = torch.cat([g[:, :Du] * union, g[:, Du:]], dim=1)
+    out = g @ weight.t()
+    return out if bias is None else out + bias
 
 
 def _gen(seed):
@@ -153,15 +168,18 @@ def test_reference_backward_formulas_match_autograd():
         G = torch.randn_like(out)
         (want,) = torch.autograd.grad(out, fr, G)
         _close64(ref.roi_align_backward(G, boxes, box_batch, p, 2, 8, 11, 0.3, 0, False), want)
-    for u in (None, union):
+    for u, sum_mode in ((None, False), (union, False), (None, True), (union, True)):
         leaves = [E.clone().requires_grad_(), W.clone().requires_grad_(), torch.randn(4, dtype=torch.float64, requires_grad=True)]
         if u is not None:
             leaves.append(u.clone().requires_grad_())
         Ev, Wv, bv = leaves[:3]
-        out = ref.pairwise_edge_fusion(Ev[:, :5], Ev[:, 5:], leaves[3] if u is not None else None, pairs, Wv, bv)
+        out = ref.pairwise_edge_fusion(Ev[:, :5], Ev[:, 5:], leaves[3] if u is not None else None, pairs, Wv, bv, sum_mode)
+        # the reference's forward against the oracle written in this file
+        _close64(out, _fusion_oracle(Ev[:, :5], Ev[:, 5:], leaves[3] if u is not None else None, pairs, Wv, bv,
+                                     "sum" if sum_mode else "product"))
         G = torch.randn_like(out)
         want = torch.autograd.grad(out, leaves, G)
-        ds, do, du, dw, db = ref.pairwise_edge_fusion_backward(G, E[:, :5], E[:, 5:], u, pairs, W, True)
+        ds, do, du, dw, db = ref.pairwise_edge_fusion_backward(G, E[:, :5], E[:, 5:], u, pairs, W, True, sum_mode)
         _close64(torch.cat([ds, do], 1), want[0])
         _close64(dw, want[1])
         _close64(db, want[2])
@@ -292,28 +310,73 @@ def _fusion_args(Kb, D, Du, C, bias, strided, dtype, device, gen, counts=None):
     return E if strided else None, subj, obj, union, pairs, weight, b
 
 
+def _check_oracle(backend, fn, oracle, args, dtype, scale=1.0, what=""):
+    """``fn(*args)`` on ``backend`` against ``oracle`` (plain autograd through the materialised
+    formula) on float64 copies of the same values: the output and every gradient."""
+    outs, grads = run_with_grads(backend, fn, args, round_to=dtype)
+    outs_o, grads_o = run_with_grads("reference", oracle, [to_ref(a) for a in args], round_to=dtype)
+    for i, (a, b) in enumerate(zip(outs, outs_o)):
+        assert_close(a, b, dtype, f"{what} output {i} vs oracle", scale)
+    assert len(grads) == len(grads_o)
+    for i, (a, b) in enumerate(zip(grads, grads_o)):
+        assert a is not None and b is not None, f"{what}: gradient {i} missing"
+        assert_close(a, b, dtype, f"{what} gradient {i} vs oracle", scale)
+
+
+def _fusion_fns(pairs, mode, D_=None):
+    """(op, oracle) taking (E, u, w, b) when the halves ``E[:, :D_]``, ``E[:, D_:]`` are strided
+    views, else (subj, obj, u, w, b)."""
+    if D_ is not None:
+        return (lambda E, u, w, b: sk.pairwise_edge_fusion(E[:, :D_], E[:, D_:], u, pairs, w, b, mode=mode),
+                lambda E, u, w, b: _fusion_oracle(E[:, :D_], E[:, D_:], u, pairs.cpu(), w, b, mode))
+    return (lambda s, o, u, w, b: sk.pairwise_edge_fusion(s, o, u, pairs, w, b, mode=mode),
+            lambda s, o, u, w, b: _fusion_oracle(s, o, u, pairs.cpu(), w, b, mode))
+
+
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("backend,device", backend_params(K["pairwise_edge_fusion"]))
 @pytest.mark.parametrize("Kb,D,Du,C,bias,strided", FUSION_CASES)
-def test_pairwise_edge_fusion_shapes(backend, device, Kb, D, Du, C, bias, strided):
+def test_pairwise_edge_fusion_shapes(backend, device, Kb, D, Du, C, bias, strided, mode):
     require(K["pairwise_edge_fusion"], backend, device)
     E, subj, obj, union, pairs, weight, b = _fusion_args(Kb, D, Du, C, bias, strided, torch.float32, device, _gen(6))
     if strided:
-        D_ = subj.shape[1]
-        fn = lambda E, u, w, b: sk.pairwise_edge_fusion(E[:, :D_], E[:, D_:], u, pairs, w, b)  # noqa: E731
+        fn, oracle = _fusion_fns(pairs, mode, subj.shape[1])
         args = (E, union, weight, b)
     else:
-        fn = lambda s, o, u, w, b: sk.pairwise_edge_fusion(s, o, u, pairs, w, b)  # noqa: E731
+        fn, oracle = _fusion_fns(pairs, mode)
         args = (subj, obj, union, weight, b)
-    _check_parity(backend, fn, args, torch.float32, what="pairwise_edge_fusion")
+    _check_parity(backend, fn, args, torch.float32, what=f"pairwise_edge_fusion {mode}")
+    _check_oracle(backend, fn, oracle, args, torch.float32, what=f"pairwise_edge_fusion {mode}")
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("backend,device", backend_params(K["pairwise_edge_fusion"]))
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
-def test_pairwise_edge_fusion_dtypes(backend, device, dtype):
+def test_pairwise_edge_fusion_dtypes(backend, device, dtype, mode):
     require(K["pairwise_edge_fusion"], backend, device)
     _, subj, obj, union, pairs, weight, b = _fusion_args(10, 48, 40, 19, True, False, dtype, device, _gen(7))
-    fn = lambda s, o, u, w, b: sk.pairwise_edge_fusion(s, o, u, pairs, w, b)  # noqa: E731
-    _check_parity(backend, fn, (subj, obj, union, weight, b), dtype, scale=_scaled_tol(dtype), what=str(dtype))
+    fn, oracle = _fusion_fns(pairs, mode)
+    _check_parity(backend, fn, (subj, obj, union, weight, b), dtype, scale=_scaled_tol(dtype), what=f"{dtype} {mode}")
+    _check_oracle(backend, fn, oracle, (subj, obj, union, weight, b), dtype, scale=_scaled_tol(dtype),
+                  what=f"{dtype} {mode}")
+
+
+@pytest.mark.parametrize("Du", [None, 0, 5, 12], ids=["no-union", "Du0", "Du<D", "Du=D"])
+@pytest.mark.parametrize("mode", MODES)
+def test_pairwise_edge_fusion_reference_is_the_oracle(mode, Du):
+    """The float64 reference (the other tests' oracle) against the materialised formula, forward and
+    every gradient, for both forms."""
+    gen = _gen(19)
+    _, subj, obj, union, pairs, weight, b = _fusion_args(9, 12, Du, 7, True, False, torch.float64, "cpu", gen)
+    fn, oracle = _fusion_fns(pairs, mode)
+    args = (subj, obj, union, weight, b)
+    outs, grads = run_with_grads("reference", fn, args)
+    outs_o, grads_o = run_with_grads("reference", oracle, args)
+    assert len(grads) == len(grads_o) == (5 if union is not None else 4)
+    for a, w in zip(list(outs) + list(grads), list(outs_o) + list(grads_o)):
+        assert a.shape == w.shape, mode
+        if a.numel():  # d union of Du = 0 is [P, 0]
+            _close64(a, w, mode)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -342,6 +405,8 @@ def test_empty_pairs(backend, device, Kb):
         ("roi_align", lambda: sk.roi_align(f, boxes, box_batch, 2, 0.25)),
         ("union_roi_align", lambda: sk.union_roi_align(f, boxes, box_batch, pairs, 2, 0.25)),
         ("pairwise_edge_fusion", lambda: sk.pairwise_edge_fusion(subj, obj, union, pairs, weight, bias)),
+        ("pairwise_edge_fusion", lambda: sk.pairwise_edge_fusion(subj, obj, union, pairs, weight, bias, mode="sum")),
+        ("pairwise_edge_fusion", lambda: sk.pairwise_edge_fusion(subj, obj, None, pairs, weight, None, mode="sum")),
     ):
         if any(k.why_not(backend, device) for k in K[name]) or getattr(K[name][0], backend) is None:
             continue
@@ -378,6 +443,9 @@ def test_out_of_range_with_checks_off(backend, device):
     bad_batch = box_batch.clone()
     bad_batch[1] = 5
     calls = {
+        "pairwise_edge_fusion_sum": (lambda s, o, u, w: sk.pairwise_edge_fusion(s, o, u, bad, w, mode="sum"),
+                                     lambda s, o, u, w: sk.pairwise_edge_fusion(s, o, u, pairs, w, mode="sum"),
+                                     (subj, obj, union, weight)),
         "union_boxes": (lambda b: sk.union_boxes(b, bad), lambda b: sk.union_boxes(b, pairs), (boxes,)),
         "pair_geometry": (lambda b: sk.pair_geometry(b, bad), lambda b: sk.pair_geometry(b, pairs), (boxes,)),
         "union_roi_align": (lambda x: sk.union_roi_align(x, boxes, box_batch, bad, 2, 0.25),
@@ -389,6 +457,7 @@ def test_out_of_range_with_checks_off(backend, device):
     }
     ran = 0
     for name, (bad_fn, good_fn, args) in calls.items():
+        kind, name = name, name.replace("_sum", "")  # the sum form uses the fusion's kernel tables
         if backend != "reference" and (getattr(K[name][0], backend) is None or any(k.why_not(backend, device) for k in K[name])):
             continue
         if backend != "reference":
@@ -415,7 +484,7 @@ def test_out_of_range_with_checks_off(backend, device):
                 if name == "pairwise_edge_fusion" and i == 2:  # d union rows of invalid pairs are zero
                     assert torch.equal(g[invalid], torch.zeros_like(g[invalid]))
                     g, w = g[~invalid], w[~invalid.cpu()]
-                assert_close(g, w, torch.float32, f"{name} gradient {i}")
+                assert_close(g, w, torch.float32, f"{kind} gradient {i}")
         finally:
             sk.set_checks(True)
         ran += 1
@@ -450,6 +519,8 @@ def test_deterministic(backend, device):
                 ("pair_geometry", lambda: sk.pair_geometry(boxes, pairs), (boxes,)),
                 ("union_roi_align", lambda: sk.union_roi_align(f, boxes, box_batch, pairs, 3, 0.25), (f,)),
                 ("pairwise_edge_fusion", lambda: sk.pairwise_edge_fusion(subj, obj, union, pairs, weight, bias),
+                 (subj, obj, union, weight, bias)),
+                ("pairwise_edge_fusion", lambda: sk.pairwise_edge_fusion(subj, obj, union, pairs, weight, bias, mode="sum"),
                  (subj, obj, union, weight, bias)),
             ):
                 if getattr(K[name][0], backend) is None:
@@ -490,15 +561,20 @@ def test_bad_inputs():
         (lambda: sk.union_roi_align([f, f], boxes, box_batch, pairs, 2, [0.5]), ValueError, "spatial_scale"),
         (lambda: sk.union_roi_align([], boxes, box_batch, pairs, 2), ValueError, "features"),
         (lambda: sk.union_roi_align(f, boxes, box_batch, torch.tensor([[0, 9]]), 2), IndexError, "pairs"),
-        (lambda: sk.pairwise_edge_fusion(subj, obj[:, :7], None, pairs, w), ValueError, "obj"),
-        (lambda: sk.pairwise_edge_fusion(subj, obj, None, pairs, w[:, :7]), ValueError, "weight"),
-        (lambda: sk.pairwise_edge_fusion(subj, obj, torch.randn(2, 9), pairs, w), ValueError, "union"),
-        (lambda: sk.pairwise_edge_fusion(subj, obj, torch.randn(3, 8), pairs, w), ValueError, "union"),
-        (lambda: sk.pairwise_edge_fusion(subj, obj, None, pairs, w, torch.randn(4)), ValueError, "bias"),
-        (lambda: sk.pairwise_edge_fusion(subj, obj.double(), None, pairs, w), TypeError, "obj"),
-        (lambda: sk.pairwise_edge_fusion(subj, obj, None, torch.tensor([[0, 4]]), w), IndexError, "pairs"),
-        (lambda: sk.pairwise_edge_fusion(subj, obj, None, pairs.int(), w), TypeError, "pairs"),
+        (lambda: sk.pairwise_edge_fusion(subj, obj, None, pairs, w, mode="concat"), ValueError, "mode.*'product', 'sum'"),
+        (lambda: sk.pairwise_edge_fusion(subj, obj, None, pairs, w, mode=None), ValueError, "mode"),
     ]
+    for mode in MODES:  # every fusion check, in both forms
+        cases += [
+            (lambda m=mode: sk.pairwise_edge_fusion(subj, obj[:, :7], None, pairs, w, mode=m), ValueError, "obj"),
+            (lambda m=mode: sk.pairwise_edge_fusion(subj, obj, None, pairs, w[:, :7], mode=m), ValueError, "weight"),
+            (lambda m=mode: sk.pairwise_edge_fusion(subj, obj, torch.randn(2, 9), pairs, w, mode=m), ValueError, "union"),
+            (lambda m=mode: sk.pairwise_edge_fusion(subj, obj, torch.randn(3, 8), pairs, w, mode=m), ValueError, "union"),
+            (lambda m=mode: sk.pairwise_edge_fusion(subj, obj, None, pairs, w, torch.randn(4), mode=m), ValueError, "bias"),
+            (lambda m=mode: sk.pairwise_edge_fusion(subj, obj.double(), None, pairs, w, mode=m), TypeError, "obj"),
+            (lambda m=mode: sk.pairwise_edge_fusion(subj, obj, None, torch.tensor([[0, 4]]), w, mode=m), IndexError, "pairs"),
+            (lambda m=mode: sk.pairwise_edge_fusion(subj, obj, None, pairs.int(), w, mode=m), TypeError, "pairs"),
+        ]
     for call, error, match in cases:
         with pytest.raises(error, match=match):
             call()
@@ -511,8 +587,12 @@ def test_autocast_mixed_dtypes():
     boxes, box_batch = _boxes(6, 32, 32, gen), _batch([3, 3])
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = sk.pairwise_edge_fusion(subj.bfloat16(), obj, union, pairs, weight, bias)
+        out_sum = sk.pairwise_edge_fusion(subj.bfloat16(), obj, union, pairs, weight, bias, mode="sum")
         r = sk.union_roi_align(f, boxes, box_batch, pairs, 2, 0.25)
-    assert out.dtype == torch.float32 and r.dtype == torch.float32
+    assert out.dtype == torch.float32 and out_sum.dtype == torch.float32 and r.dtype == torch.float32
+    # autocast ran the float32 kernel on the bf16-rounded subj: the sum form's value, not just its dtype
+    want = _fusion_oracle(subj.bfloat16().double(), obj.double(), union.double(), pairs, weight.double(), bias.double(), "sum")
+    assert_close(out_sum, want, torch.float32, "autocast sum")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -533,13 +613,18 @@ def _gradcheck_cases(device):
         "roi_align": (lambda x: sk.roi_align(x, boxes.detach(), box_batch, (2, 3), 0.25, 0, False), (f,)),
         "union_roi_align": (lambda x: sk.union_roi_align(x, boxes.detach(), box_batch, pairs, 2, 0.25, 2, True), (f,)),
         "pairwise_edge_fusion": (lambda e, u, w, b: sk.pairwise_edge_fusion(e[:, :6], e[:, 6:], u, pairs, w, b), (E, union, w, b)),
+        "pairwise_edge_fusion_sum": (lambda e, u, w, b: sk.pairwise_edge_fusion(e[:, :6], e[:, 6:], u, pairs, w, b, mode="sum"),
+                                     (E, union, w, b)),
+        "pairwise_edge_fusion_sum_no_union": (lambda e, w: sk.pairwise_edge_fusion(e[:, :6], e[:, 6:], None, pairs, w, mode="sum"),
+                                              (E, w)),
     }
 
 
-@pytest.mark.parametrize("backend,device,name", gradcheck_params(K, list(K)))
+@pytest.mark.parametrize("backend,device,name", gradcheck_params(
+    K, list(K) + ["pairwise_edge_fusion_sum", "pairwise_edge_fusion_sum_no_union"]))
 def test_gradcheck(backend, device, name):
     if backend != "reference":
-        require(K[name], backend, device)
+        require(K[max((op for op in K if name.startswith(op)), key=len)], backend, device)
     fn, inputs = _gradcheck_cases(device)[name]
     with sk.use_backend(backend):
         assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
@@ -570,6 +655,11 @@ def _opcheck_samples(device):
         (o.pairwise_edge_fusion.default, (E[:, :6], E[:, 6:], None, pairs, w, None)),
         (o.pairwise_edge_fusion_backward.default, (g(P, 3), E[:, :6].detach(), E[:, 6:].detach(), union.detach(), pairs, w.detach(), True)),
         (o.pairwise_edge_fusion_backward.default, (g(P, 3), E[:, :6].detach(), E[:, 6:].detach(), None, pairs, w.detach(), False)),
+        # the sum form (the trailing sum_mode flag)
+        (o.pairwise_edge_fusion.default, (E[:, :6], E[:, 6:], union, pairs, w, b, True)),
+        (o.pairwise_edge_fusion.default, (E[:, :6], E[:, 6:], None, pairs, w, None, True)),
+        (o.pairwise_edge_fusion_backward.default, (g(P, 3), E[:, :6].detach(), E[:, 6:].detach(), union.detach(), pairs, w.detach(), True, True)),
+        (o.pairwise_edge_fusion_backward.default, (g(P, 3), E[:, :6].detach(), E[:, 6:].detach(), None, pairs, w.detach(), False, True)),
     ]
 
 
@@ -587,6 +677,20 @@ def test_opcheck(backend, device):
         # only pairwise_edge_fusion has a Triton kernel; the others keep their default under "triton"
         with sk.use_backend(backend if backend != "triton" or "fusion" in op.name() else None):
             torch.library.opcheck(op, args)
+
+
+def test_fusion_sum_floor_by_hand():
+    """bench/floors.py's floor of the sum form, written out: bytes and forward FLOPs as the product's;
+    backward: dg = G W and dW = G^T g (2 x 2 P C D), d bias P C, g recomputed P (D + Du), dg * u once
+    (P Du) scattered into d subj and d obj (P D adds each), d union = dg * (subj + obj) (P Du)."""
+    from sgg_kernels.bench import floors
+
+    K_, P, D, Du, C, e = 3, 6, 8, 5, 4, 4
+    prod = floors.fusion_floor(K_, P, D, Du, C, e, 2 * K_ * D * e, True)
+    summ = floors.fusion_floor(K_, P, D, Du, C, e, 2 * K_ * D * e, True, mode="sum")
+    assert (summ.bytes_fwd, summ.flops_fwd, summ.bytes_bwd) == (prod.bytes_fwd, prod.flops_fwd, prod.bytes_bwd)
+    assert summ.flops_bwd == 2 * (2 * 6 * 4 * 8) + 6 * 4 + 6 * 13 + 6 * 5 + 2 * 6 * 8 + 6 * 5 == 1026
+    assert prod.flops_bwd == 2 * (2 * 6 * 4 * 8) + 6 * 4 + 3 * 6 * 13 + 2 * 6 * 8 + 6 * 5 == 1152
 
 
 # ---------------------------------------------------------------------------------------------
@@ -621,8 +725,9 @@ def test_roi_align_matches_torchvision(aligned, sampling_ratio):
 # Triton: multi-block paths of the fusion (several P tiles, D and C blocks, d-weight chunks, CSR
 # lists longer than one step) that the default blocks reach only at GPU sizes.
 # ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("backend,device", [p for p in backend_params(K["pairwise_edge_fusion"]) if p.values[0] == "triton"])
-def test_triton_fusion_multiblock_paths(backend, device, monkeypatch):
+def test_triton_fusion_multiblock_paths(backend, device, mode, monkeypatch):
     require(K["pairwise_edge_fusion"], backend, device)
     from sgg_kernels.triton import pairs as tp
 
@@ -633,13 +738,15 @@ def test_triton_fusion_multiblock_paths(backend, device, monkeypatch):
     assert pairs.shape[0] > 3 * 16 and (pairs[:, 0] == 0).sum() > 16  # several P tiles; a CSR list of > 1 step
     n_chunks, per_chunk = tp._chunking(pairs.shape[0], 16, 3, native=False)
     assert n_chunks > 1 and per_chunk > 1  # several chunks of several tiles
-    fn = lambda E, u, w, b: sk.pairwise_edge_fusion(E[:, :40], E[:, 40:], u, pairs, w, b)  # noqa: E731
-    _check_parity(backend, fn, (E, union, weight, b), torch.float32, what="multiblock")
+    fn, oracle = _fusion_fns(pairs, mode, 40)
+    _check_parity(backend, fn, (E, union, weight, b), torch.float32, what=f"multiblock {mode}")
+    _check_oracle(backend, fn, oracle, (E, union, weight, b), torch.float32, what=f"multiblock {mode}")
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("backend,device", [p for p in backend_params(K["pairwise_edge_fusion"]) if p.values[0] == "triton"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
-def test_triton_fusion_forward_split_over_d(backend, device, bias, monkeypatch):
+def test_triton_fusion_forward_split_over_d(backend, device, bias, mode, monkeypatch):
     """The forward's split of the D reduction (few pair tiles: paper's 38 on 132 SMs), with a short
     last split, summed over splits with the bias added once."""
     require(K["pairwise_edge_fusion"], backend, device)
@@ -651,8 +758,7 @@ def test_triton_fusion_forward_split_over_d(backend, device, bias, monkeypatch):
     tiles = -(-pairs.shape[0] // tp._BLOCK_P)
     n_splits, per_split = tp._split_d(tiles, 100, 16, tp._CTAS_FORWARD["fp32"])
     assert n_splits > 2 and 100 % per_split != 0, (n_splits, per_split)  # several splits, the last one short
-    fn = lambda s, o, u, w, b: sk.pairwise_edge_fusion(s, o, u, pairs, w, b)  # noqa: E731
-    args = (subj, obj, union, weight) + ((b,) if bias else ())
-    if not bias:
-        fn = lambda s, o, u, w: sk.pairwise_edge_fusion(s, o, u, pairs, w, None)  # noqa: E731
-    _check_parity(backend, fn, args, torch.float32, what="split over D")
+    fn, oracle = _fusion_fns(pairs, mode)
+    args = (subj, obj, union, weight, b)  # b is None without bias
+    _check_parity(backend, fn, args, torch.float32, what=f"split over D {mode}")
+    _check_oracle(backend, fn, oracle, args, torch.float32, what=f"split over D {mode}")

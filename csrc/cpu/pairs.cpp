@@ -716,9 +716,20 @@ FusionRows<scalar_t> fusion_rows(const at::Tensor& subj, const at::Tensor& obj, 
           pairs.const_data_ptr<int64_t>()};
 }
 
-// Eq. 12 for pairs [p0, p0 + n): g[i] = subj[s_p] * obj[o_p] * u_p (u = union on the first Du dims,
-// 1 beyond), a zero row for an invalid pair. Parallel over rows.
-template <typename scalar_t, typename acc_t>
+// The two rows' combination of Eq. 12: their product, or with kSum (the sum form of
+// Scene-Graph-Benchmark's predictors, reference/pairs.py) their sum.
+template <bool kSum, typename acc_t>
+inline acc_t combine(acc_t sv, acc_t ov) {
+  if constexpr (kSum) {
+    return sv + ov;
+  } else {
+    return sv * ov;
+  }
+}
+
+// Eq. 12 for pairs [p0, p0 + n): g[i] = subj[s_p] * obj[o_p] * u_p (kSum: (subj[s_p] + obj[o_p]) * u_p;
+// u = union on the first Du dims, 1 beyond), a zero row for an invalid pair. Parallel over rows.
+template <bool kSum, typename scalar_t, typename acc_t>
 void fused_tile(const FusionRows<scalar_t>& in, int64_t p0, int64_t n, acc_t* g) {
   const int64_t D = in.D, Du = in.Du;
   at::parallel_for(0, n, grain_for(D), [&](int64_t begin, int64_t end) {
@@ -734,10 +745,10 @@ void fused_tile(const FusionRows<scalar_t>& in, int64_t p0, int64_t n, acc_t* g)
       const scalar_t* orow = in.obj + o * in.os;
       const scalar_t* ur = in.uni + p * in.us;
       for (int64_t c = 0; c < Du; ++c) {
-        gr[c] = static_cast<acc_t>(sr[c]) * static_cast<acc_t>(orow[c]) * static_cast<acc_t>(ur[c]);
+        gr[c] = combine<kSum>(static_cast<acc_t>(sr[c]), static_cast<acc_t>(orow[c])) * static_cast<acc_t>(ur[c]);
       }
       for (int64_t c = Du; c < D; ++c) {
-        gr[c] = static_cast<acc_t>(sr[c]) * static_cast<acc_t>(orow[c]);
+        gr[c] = combine<kSum>(static_cast<acc_t>(sr[c]), static_cast<acc_t>(orow[c]));
       }
     }
   });
@@ -765,12 +776,14 @@ void check_fusion_args(const char* op, const at::Tensor& subj, const at::Tensor&
 
 }  // namespace
 
-// Eq. 12-14: logits_p = (subj[s_p] * obj[o_p] * u_p) W^T + bias, [P, C]. Per tile of pairs: the
-// fused rows g (prologue, parallel over rows), then out_tile = g W^T (+ bias) with ATen's GEMM
-// (in float32 for half/bfloat16, the result cast).
+// Eq. 12-14: logits_p = (subj[s_p] * obj[o_p] * u_p) W^T + bias, [P, C] (sum_mode: the sum form,
+// ((subj[s_p] + obj[o_p]) * u_p) W^T + bias). Per tile of pairs: the fused rows g (prologue,
+// parallel over rows), then out_tile = g W^T (+ bias) with ATen's GEMM (in float32 for
+// half/bfloat16, the result cast).
 at::Tensor pairwise_edge_fusion(const at::Tensor& subj_in, const at::Tensor& obj_in,
                                 const std::optional<at::Tensor>& union_in, const at::Tensor& pairs_in,
-                                const at::Tensor& weight_in, const std::optional<at::Tensor>& bias_in) {
+                                const at::Tensor& weight_in, const std::optional<at::Tensor>& bias_in,
+                                bool sum_mode) {
   check_fusion_args("pairwise_edge_fusion", subj_in, obj_in, union_in, pairs_in, weight_in);
   const int64_t D = subj_in.size(1), P = pairs_in.size(0), C = weight_in.size(0);
   if (bias_in.has_value()) {
@@ -797,7 +810,11 @@ at::Tensor pairwise_edge_fusion(const at::Tensor& subj_in, const at::Tensor& obj
     for (int64_t p0 = 0; p0 < P; p0 += tile) {
       const int64_t n = std::min(tile, P - p0);
       at::Tensor g = g_buf.narrow(0, 0, n);
-      fused_tile(in, p0, n, g.mutable_data_ptr<acc_t>());  // Eq. 12
+      if (sum_mode) {  // Eq. 12
+        fused_tile<true>(in, p0, n, g.mutable_data_ptr<acc_t>());
+      } else {
+        fused_tile<false>(in, p0, n, g.mutable_data_ptr<acc_t>());
+      }
       at::Tensor o = out.narrow(0, p0, n);
       if constexpr (kSame) {  // Eq. 14 (without the geometry term of Eq. 13)
         bias.defined() ? at::addmm_out(o, bias, g, wt) : at::mm_out(o, g, wt);
@@ -815,10 +832,12 @@ at::Tensor pairwise_edge_fusion(const at::Tensor& subj_in, const at::Tensor& obj
 //     parallel over column blocks, each block adding the pairs in order (deterministic);
 //   d W += G_tile^T g_tile (tiles in order); d bias = sum_p grad_p (invalid pairs included: their
 //   logits are the bias alone).
+// sum_mode (g = (subj[s_p] + obj[o_p]) * u_p): d union_p = (dg_p * (subj[s_p] + obj[o_p]))[:Du],
+//   d subj[k] += dg_p * u_p (s_p = k), d obj[k] += dg_p * u_p (o_p = k); d W, d bias as above.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pairwise_edge_fusion_backward(
     const at::Tensor& grad_in, const at::Tensor& subj_in, const at::Tensor& obj_in,
     const std::optional<at::Tensor>& union_in, const at::Tensor& pairs_in, const at::Tensor& weight_in,
-    bool has_bias) {
+    bool has_bias, bool sum_mode) {
   check_fusion_args("pairwise_edge_fusion_backward", subj_in, obj_in, union_in, pairs_in, weight_in);
   const int64_t K = subj_in.size(0), D = subj_in.size(1), P = pairs_in.size(0), C = weight_in.size(0);
   TORCH_CHECK(grad_in.dim() == 2 && grad_in.size(0) == P && grad_in.size(1) == C,
@@ -886,7 +905,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pairwise_
         at::mm_out(dg, Gt, w);  // dg = G W, [n, D]
         acc_t* gp = g.mutable_data_ptr<acc_t>();
         const acc_t* dgp = dg.const_data_ptr<acc_t>();
-        at::parallel_for(0, blocks, grain_for(4 * n * kFusionCols), [&](int64_t b0, int64_t b1) {
+        // One column-block body for both forms, kSum a compile-time flag (the product form's loop
+        // is the one it always was).
+        auto column_blocks = [&](auto sum_tag, int64_t b0, int64_t b1) {
+          constexpr bool kSum = decltype(sum_tag)::value;
           const int64_t c0 = b0 * kFusionCols, c1 = std::min(D, b1 * kFusionCols);
           const int64_t cu = std::clamp(Du, c0, c1);  // [c0, cu): union dims, [cu, c1): u = 1
           for (int64_t i = 0; i < n; ++i) {
@@ -910,17 +932,38 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pairwise_
             for (int64_t c = c0; c < cu; ++c) {
               const acc_t sv = static_cast<acc_t>(sr[c]), ov = static_cast<acc_t>(orow[c]);
               const acc_t uv = static_cast<acc_t>(ur[c]), dv = dr[c];
-              gr[c] = sv * ov * uv;         // Eq. 12, recomputed
-              dsr[c] += dv * ov * uv;       // d subj
-              dor[c] += dv * sv * uv;       // d obj
-              dur[c] = static_cast<scalar_t>(dv * sv * ov);  // d union
+              if constexpr (kSum) {
+                const acc_t rv = sv + ov, du = dv * uv;
+                gr[c] = rv * uv;              // sum form, recomputed
+                dsr[c] += du;                 // d subj
+                dor[c] += du;                 // d obj
+                dur[c] = static_cast<scalar_t>(dv * rv);  // d union
+              } else {
+                gr[c] = sv * ov * uv;         // Eq. 12, recomputed
+                dsr[c] += dv * ov * uv;       // d subj
+                dor[c] += dv * sv * uv;       // d obj
+                dur[c] = static_cast<scalar_t>(dv * sv * ov);  // d union
+              }
             }
             for (int64_t c = cu; c < c1; ++c) {
               const acc_t sv = static_cast<acc_t>(sr[c]), ov = static_cast<acc_t>(orow[c]), dv = dr[c];
-              gr[c] = sv * ov;
-              dsr[c] += dv * ov;
-              dor[c] += dv * sv;
+              if constexpr (kSum) {
+                gr[c] = sv + ov;
+                dsr[c] += dv;
+                dor[c] += dv;
+              } else {
+                gr[c] = sv * ov;
+                dsr[c] += dv * ov;
+                dor[c] += dv * sv;
+              }
             }
+          }
+        };
+        at::parallel_for(0, blocks, grain_for(4 * n * kFusionCols), [&](int64_t b0, int64_t b1) {
+          if (sum_mode) {
+            column_blocks(std::true_type{}, b0, b1);
+          } else {
+            column_blocks(std::false_type{}, b0, b1);
           }
         });
         dw.addmm_(Gt.t(), g);  // d W += G_tile^T g_tile

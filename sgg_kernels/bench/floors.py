@@ -158,18 +158,27 @@ def roi_align_floor(sample_taps: int, R: int, D: int, pooled: int, feature_bytes
     return _f(feature_bytes + extra_read + out, flops, out + extra_read + feature_bytes, flops)
 
 
-def fusion_floor(K: int, P: int, D: int, Du: int, C: int, e: int, subj_obj_bytes: int, bias: bool) -> Floor:
+def fusion_floor(K: int, P: int, D: int, Du: int, C: int, e: int, subj_obj_bytes: int, bias: bool,
+                 mode: str = "product") -> Floor:
     """Eq. 12-14, logits = (subj[s] * obj[o] * u) W^T + b. fwd: g costs P (D + Du) multiplies
     (u = 1 beyond Du), the GEMM 2 P C D, the bias P C. bwd: dg = G W (2 P C D), g recomputed
     (P (D + Du)), dW = G^T g (2 P C D), d bias (P C), d subj = scatter of dg * obj * u and d obj
-    likewise (P (D + Du) multiplies + P D adds each), d union = dg * (subj * obj) (P Du)."""
+    likewise (P (D + Du) multiplies + P D adds each), d union = dg * (subj * obj) (P Du).
+
+    ``mode="sum"`` (g = (subj[s] + obj[o]) * u): the same bytes and forward FLOPs (P D adds in
+    place of the multiplies); bwd: d subj and d obj scatter the same dg * u (P Du multiplies, once)
+    with P D adds each, d union = dg * (subj + obj) (P Du; the sum is g's recompute), so
+    4 P C D + P C + P (D + Du) + P Du + 2 P D + P Du."""
     b = C * e if bias else 0
     pairs = P * 2 * INDEX_BYTES
     fwd_bytes = subj_obj_bytes + P * Du * e + pairs + C * D * e + b + P * C * e
     fwd_flops = P * (D + Du) + 2 * P * C * D + (P * C if bias else 0)
     bwd_bytes = (P * C * e + subj_obj_bytes + P * Du * e + pairs + C * D * e  # G, E1, union, pairs, W read
                  + subj_obj_bytes + P * Du * e + C * D * e + b)  # d E1, d union, d W, d bias written
-    bwd_flops = 4 * P * C * D + (P * C if bias else 0) + 3 * P * (D + Du) + 2 * P * D + P * Du
+    if mode == "sum":
+        bwd_flops = 4 * P * C * D + (P * C if bias else 0) + P * (D + Du) + P * Du + 2 * P * D + P * Du
+    else:
+        bwd_flops = 4 * P * C * D + (P * C if bias else 0) + 3 * P * (D + Du) + 2 * P * D + P * Du
     return _f(fwd_bytes, fwd_flops, bwd_bytes, bwd_flops)
 
 

@@ -465,26 +465,30 @@ def _rows(x: Tensor) -> Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+FUSION_MODES = ("product", "sum")  # pairwise_edge_fusion's forms: g = subj * obj * u or (subj + obj) * u
+
+
 @torch.library.custom_op(f"{_LIB}::pairwise_edge_fusion", mutates_args=())
 def _fusion_op(subj: Tensor, obj: Tensor, union: Optional[Tensor], pairs: Tensor, weight: Tensor,
-               bias: Optional[Tensor]) -> Tensor:
+               bias: Optional[Tensor], sum_mode: bool = False) -> Tensor:
     if value_checks_on():
         _check_pair_values(pairs, subj.shape[0])
     return _FUSION(subj.device, _rows(subj), _rows(obj), None if union is None else _rows(union), pairs.contiguous(),
-                   weight.contiguous(), None if bias is None else bias.contiguous())
+                   weight.contiguous(), None if bias is None else bias.contiguous(), sum_mode)
 
 
 @_fusion_op.register_fake
-def _(subj, obj, union, pairs, weight, bias):
+def _(subj, obj, union, pairs, weight, bias, sum_mode=False):
     return subj.new_empty((pairs.shape[0], weight.shape[0]))
 
 
 @torch.library.custom_op(f"{_LIB}::pairwise_edge_fusion_backward", mutates_args=())
 def _fusion_backward_op(grad: Tensor, subj: Tensor, obj: Tensor, union: Optional[Tensor], pairs: Tensor,
-                        weight: Tensor, has_bias: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                        weight: Tensor, has_bias: bool,
+                        sum_mode: bool = False) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     ds, do, du, dw, db = _FUSION_BWD(subj.device, grad.contiguous(), _rows(subj), _rows(obj),
                                      None if union is None else _rows(union), pairs.contiguous(), weight.contiguous(),
-                                     has_bias)
+                                     has_bias, sum_mode)
     if union is None or du is None:
         du = _empty_grad(subj)
     if not has_bias or db is None:
@@ -493,48 +497,63 @@ def _fusion_backward_op(grad: Tensor, subj: Tensor, obj: Tensor, union: Optional
 
 
 @_fusion_backward_op.register_fake
-def _(grad, subj, obj, union, pairs, weight, has_bias):
+def _(grad, subj, obj, union, pairs, weight, has_bias, sum_mode=False):
     du = subj.new_empty((0,)) if union is None else union.new_empty(union.shape)
     db = subj.new_empty((weight.shape[0],) if has_bias else (0,))
     return subj.new_empty(subj.shape), obj.new_empty(obj.shape), du, weight.new_empty(weight.shape), db
 
 
 def _fusion_setup(ctx, inputs, output):
-    subj, obj, union, pairs, weight, bias = inputs
+    subj, obj, union, pairs, weight, bias = inputs[:6]
+    ctx.sum_mode = bool(inputs[6]) if len(inputs) > 6 else False
     ctx.has_union, ctx.has_bias = union is not None, bias is not None
     ctx.save_for_backward(subj, obj, union, pairs, weight)
 
 
 def _fusion_bwd(ctx, grad):
     subj, obj, union, pairs, weight = ctx.saved_tensors
-    ds, do, du, dw, db = _fusion_backward_op(grad, subj, obj, union, pairs, weight, ctx.has_bias)
-    return ds, do, (du if ctx.has_union else None), None, dw, (db if ctx.has_bias else None)
+    ds, do, du, dw, db = _fusion_backward_op(grad, subj, obj, union, pairs, weight, ctx.has_bias, ctx.sum_mode)
+    return ds, do, (du if ctx.has_union else None), None, dw, (db if ctx.has_bias else None), None
 
 
 torch.library.register_autograd(f"{_LIB}::pairwise_edge_fusion", _fusion_bwd, setup_context=_fusion_setup)
 
 
 def pairwise_edge_fusion(subj: Tensor, obj: Tensor, union: Optional[Tensor], pairs: Tensor, weight: Tensor,
-                         bias: Optional[Tensor] = None) -> Tensor:
+                         bias: Optional[Tensor] = None, *, mode: str = "product") -> Tensor:
     """Eq. 12-14: relation logits of every pair without materialising the ``[P, D]`` fused features.
 
-    g_p = subj[s_p] * obj[o_p] * union_p (Eq. 12; ``union`` multiplies the first Du dims when
-    Du < D, and counts as 1 when absent), logits_p = g_p W^T + bias (Eq. 14 without the geometry
-    term of Eq. 13, which the module adds as its own small matmul).
+    ``mode="product"`` (LinkNet): g_p = subj[s_p] * obj[o_p] * union_p (Eq. 12; ``union`` multiplies
+    the first Du dims when Du < D, and counts as 1 when absent), logits_p = g_p W^T + bias (Eq. 14
+    without the geometry term of Eq. 13, which the module adds as its own small matmul).
+
+    ``mode="sum"`` (Scene-Graph-Benchmark's Motifs / VCTree / Transformer predictors):
+    g_p = (subj[s_p] + obj[o_p]) * union_p, the same union rule, logits_p = g_p W^T + bias. Their
+    ``post_cat(cat(head[s], tail[o]))`` is a linear map of a concatenation, i.e. the sum of two
+    per-object projections: subj = head W_h^T + b_cat, obj = tail W_t^T (W_h, W_t the head and
+    tail column blocks of post_cat's weight), each only ``[K, D]``.
 
     Args:
         subj (Tensor[K, D]): subject edge features (LinkNet: ``E1[:, :D]``; a row-strided view of a
-            ``[K, 2D]`` tensor is read in place).
-        obj (Tensor[K, D]): object edge features (``E1[:, D:]``).
+            ``[K, 2D]`` tensor is read in place); sum form: the subjects' projection.
+        obj (Tensor[K, D]): object edge features (``E1[:, D:]``); sum form: the objects' projection.
         union (Tensor[P, Du] or None): union-box features, Du <= D.
         pairs (Tensor[P, 2] int64): (subject, object) indices into the K rows.
-        weight (Tensor[C, D]): fc4's weight restricted to the fused features.
+        weight (Tensor[C, D]): fc4's weight restricted to the fused features (sum form: the
+            classifier's, e.g. SGB's ``rel_compress.weight``).
         bias (Tensor[C] or None).
+        mode (str, keyword-only): ``"product"`` (default) or ``"sum"``.
 
     Returns:
         Tensor[P, C], differentiable in subj, obj, union, weight and bias. Backward recomputes the
         fused features tile by tile (peak memory O(P C + P Du), not O(P D)).
+
+    Raises:
+        ValueError for an unknown ``mode`` and for shape mismatches, TypeError for wrong dtypes,
+        IndexError for ``pairs`` outside [0, K) (while value checks are on).
     """
+    if not isinstance(mode, str) or mode not in FUSION_MODES:
+        raise ValueError(f"mode must be one of {', '.join(repr(m) for m in FUSION_MODES)}, got {mode!r}")
     _checks.tensor(subj, "subj", "K, D")
     _checks.tensor(obj, "obj", "K, D")
     _checks.tensor(weight, "weight", "C, D")
@@ -556,7 +575,7 @@ def pairwise_edge_fusion(subj: Tensor, obj: Tensor, union: Optional[Tensor], pai
         _checks.size(bias, "bias", 0, weight.shape[0], "C, the rows of weight")
     _checks.same_device(named[:1] + [(n, t) for n, t in named[1:] if t is not None])
     _checks.same_float_dtype([(n, t) for n, t in named if t is not None and n != "pairs"])
-    return _fusion_op(subj, obj, union, pairs, weight, bias)
+    return _fusion_op(subj, obj, union, pairs, weight, bias, mode == "sum")
 
 
 for _name in ("roi_align", "union_roi_align", "pairwise_edge_fusion"):

@@ -36,7 +36,8 @@ separable in y and x, so the output is
 
 where Ay[r, p, y] sums the bilinear weights row y receives from the samples of bin p (zero for
 invalid samples), Ax likewise. The reference builds Ay and Ax and contracts (*) per image; the
-kernels loop over samples as torchvision does. Backward: grad f[b] = sum_{r in b} Ay[r]^T
+C++ CPU and CUDA kernels build each RoI's Ay, Ax once and sum (*) over each bin's taps directly
+(the CUDA backward with one atomic per RoI, channel and touched pixel). Backward: grad f[b] = sum_{r in b} Ay[r]^T
 (G[r] / count) Ax[r]; the boxes get no gradient (as in torchvision). With ``pairs`` the RoIs are
 the pairs' union boxes (``union_boxes``), in the subject's image.
 
@@ -54,6 +55,14 @@ first Du dims and 1 on the rest, logits = g W^T + bias. Backward, G = grad [P, C
     d subj[k] = sum_{p: s_p = k} dg_p * obj[o_p] * u_p,   d obj[k] = sum_{p: o_p = k} dg_p * subj[s_p] * u_p
     d union_p = (dg_p * subj[s_p] * obj[o_p])[:Du],  d W = G^T g,  d bias = sum_p G_p
 (for an invalid pair g_p = 0, so its logits are the bias: it still counts in d bias, nowhere else).
+
+The **sum form** (``sum_mode=True``; Scene-Graph-Benchmark's Motifs / VCTree / Transformer
+predictors: ``post_cat(cat(head[s], tail[o])) * union`` with post_cat's weight split into its head
+and tail column blocks, subj = head W_h^T + b_cat and obj = tail W_t^T) replaces the product of
+the two rows by their sum: g_p = (subj[s_p] + obj[o_p]) * u_p, logits = g W^T + bias. Backward:
+    d subj[k] = sum_{p: s_p = k} dg_p * u_p,   d obj[k] = sum_{p: o_p = k} dg_p * u_p
+    d union_p = (dg_p * (subj[s_p] + obj[o_p]))[:Du],  d W = G^T g,  d bias = sum_p G_p
+with the same rule for invalid pairs (g_p = 0, G_p reaches d bias only).
 """
 from __future__ import annotations
 
@@ -300,9 +309,10 @@ def roi_align_backward(grad: Tensor, boxes: Tensor, box_batch: Tensor, pairs: Op
 # ---------------------------------------------------------------------------------------------
 # pairwise_edge_fusion (Eq. 12-14)
 # ---------------------------------------------------------------------------------------------
-def _fused_rows(subj: Tensor, obj: Tensor, union: Optional[Tensor], valid, s, o) -> Tensor:
-    """g [P, D] of Eq. 12, zero for invalid pairs (the reference materialises it; kernels never do)."""
-    g = _rows_at(subj, s) * _rows_at(obj, o)
+def _fused_rows(subj: Tensor, obj: Tensor, union: Optional[Tensor], valid, s, o, sum_mode: bool = False) -> Tensor:
+    """g [P, D] of Eq. 12 (the sum form: (subj[s] + obj[o]) * u), zero for invalid pairs (the
+    reference materialises it; kernels never do)."""
+    g = _rows_at(subj, s) + _rows_at(obj, o) if sum_mode else _rows_at(subj, s) * _rows_at(obj, o)
     if union is not None:
         Du = union.shape[1]
         g = torch.cat([g[:, :Du] * union, g[:, Du:]], dim=1)
@@ -318,17 +328,19 @@ def _union_full(union: Optional[Tensor], P: int, D: int, like: Tensor) -> Tensor
 
 
 def pairwise_edge_fusion(subj: Tensor, obj: Tensor, union: Optional[Tensor], pairs: Tensor, weight: Tensor,
-                         bias: Optional[Tensor]) -> Tensor:
-    """Eq. 12-14: logits_p = (subj[s_p] * obj[o_p] * union_p) W^T + bias, ``[P, C]``."""
+                         bias: Optional[Tensor], sum_mode: bool = False) -> Tensor:
+    """Eq. 12-14: logits_p = (subj[s_p] * obj[o_p] * union_p) W^T + bias, ``[P, C]``; with
+    ``sum_mode``, logits_p = ((subj[s_p] + obj[o_p]) * union_p) W^T + bias."""
     valid, s, o = _pair_rows(pairs, subj.shape[0])
-    g = _fused_rows(subj, obj, union, valid, s, o)
+    g = _fused_rows(subj, obj, union, valid, s, o, sum_mode)
     out = g @ weight.t()
     return out if bias is None else out + bias
 
 
 def pairwise_edge_fusion_backward(grad: Tensor, subj: Tensor, obj: Tensor, union: Optional[Tensor], pairs: Tensor,
-                                  weight: Tensor, has_bias: bool):
-    """``(d subj [K, D], d obj [K, D], d union [P, Du] | empty, d weight [C, D], d bias [C] | empty)``."""
+                                  weight: Tensor, has_bias: bool, sum_mode: bool = False):
+    """``(d subj [K, D], d obj [K, D], d union [P, Du] | empty, d weight [C, D], d bias [C] | empty)``
+    of the product form, or with ``sum_mode`` of the sum form (module docstring)."""
     K, D = subj.shape
     P = pairs.shape[0]
     acc = _acc_dtype(grad.dtype)
@@ -337,13 +349,19 @@ def pairwise_edge_fusion_backward(grad: Tensor, subj: Tensor, obj: Tensor, union
     sub, ob = _rows_at(subj.to(acc), s), _rows_at(obj.to(acc), o)
     u = _union_full(None if union is None else union.to(acc), P, D, sub)
     dg = G @ weight.to(acc)
-    d_subj = _scatter_rows(dg * ob * u, s, K).to(subj.dtype)
-    d_obj = _scatter_rows(dg * sub * u, o, K).to(obj.dtype)
+    if sum_mode:  # d g_p / d subj[s_p] = d g_p / d obj[o_p] = u_p; d g_p / d u_p = subj[s_p] + obj[o_p]
+        d_subj = _scatter_rows(dg * u, s, K).to(subj.dtype)
+        d_obj = _scatter_rows(dg * u, o, K).to(obj.dtype)
+        rows = sub + ob
+    else:
+        d_subj = _scatter_rows(dg * ob * u, s, K).to(subj.dtype)
+        d_obj = _scatter_rows(dg * sub * u, o, K).to(obj.dtype)
+        rows = sub * ob
     if union is None:
         d_union = grad.new_empty((0,))
     else:
-        d_union = (dg * sub * ob)[:, :union.shape[1]].to(union.dtype).contiguous()
-    g = _fused_rows(subj.to(acc), obj.to(acc), None if union is None else union.to(acc), valid, s, o)
+        d_union = (dg * rows)[:, :union.shape[1]].to(union.dtype).contiguous()
+    g = _fused_rows(subj.to(acc), obj.to(acc), None if union is None else union.to(acc), valid, s, o, sum_mode)
     d_weight = (G.t() @ g).to(weight.dtype)
     # an invalid pair's logits are the bias alone, so its gradient still reaches the bias
     d_bias = grad.to(acc).sum(0).to(weight.dtype) if has_bias else grad.new_empty((0,))

@@ -8,6 +8,11 @@ may be the two halves of one ``[K, 2D]`` tensor), ``union`` ``[P, Du]`` (row str
     g_p = subj[s_p] * obj[o_p] * u_p     (u_p = union_p on the first Du dims, 1 beyond)
     dg_p = G_p W                          (G = grad; the gradient of g_p)
 
+or, with the constexpr ``SUM`` (the sum form of Scene-Graph-Benchmark's predictors, see
+:mod:`sgg_kernels.reference.pairs`), g_p = (subj[s_p] + obj[o_p]) * u_p. The same kernels serve
+both forms; ``SUM`` changes only how the two gathered rows combine and, in the backward, which
+factors multiply dg (d subj = d obj = dg * u; d union = dg * (subj + obj)).
+
 Two helpers carry the math and are shared by every kernel:
 
 - :func:`_fused_tile`: the ``[BLOCK_P, BLOCK_D]`` tile of g for a tile of pairs (the gather-
@@ -80,10 +85,14 @@ def _load_rows(ptr, rows, row_mask, offs_d, mask_d, s_row, ACC: tl.constexpr):
 
 @triton.jit
 def _fused_tile(subj_ptr, obj_ptr, union_ptr, offs_p, valid, s, o, offs_d, mask_d, DU, s_sk, s_ok, s_up,
-                ACC: tl.constexpr, HAS_UNION: tl.constexpr):
-    """g = subj[s] * obj[o] * u, ``[BLOCK_P, BLOCK_D]`` in ACC; 0 in invalid rows and d >= D
-    (same product order as the reference: (subj * obj) * u)."""
-    g = _load_rows(subj_ptr, s, valid, offs_d, mask_d, s_sk, ACC) * _load_rows(obj_ptr, o, valid, offs_d, mask_d, s_ok, ACC)
+                ACC: tl.constexpr, HAS_UNION: tl.constexpr, SUM: tl.constexpr):
+    """g = subj[s] * obj[o] * u (SUM: (subj[s] + obj[o]) * u), ``[BLOCK_P, BLOCK_D]`` in ACC; 0 in
+    invalid rows and d >= D (masked loads give 0 to both rows; same order as the reference:
+    (subj * obj) * u, (subj + obj) * u)."""
+    if SUM:
+        g = _load_rows(subj_ptr, s, valid, offs_d, mask_d, s_sk, ACC) + _load_rows(obj_ptr, o, valid, offs_d, mask_d, s_ok, ACC)
+    else:
+        g = _load_rows(subj_ptr, s, valid, offs_d, mask_d, s_sk, ACC) * _load_rows(obj_ptr, o, valid, offs_d, mask_d, s_ok, ACC)
     if HAS_UNION:
         g = g * _load_union(union_ptr, offs_p, valid, offs_d, DU, s_up, ACC)
     return g
@@ -116,10 +125,10 @@ def _fusion_forward_kernel(
     P, K, C, D, DU, D_PER_SPLIT,
     s_sk, s_ok, s_up, s_pp, s_pc, s_wc,
     ACC: tl.constexpr, HAS_UNION: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_NATIVE: tl.constexpr, PREC: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, SUM: tl.constexpr,
 ):
     """Eq. 12-14: out[p, c] = sum_d g[p, d] W[c, d] + bias[c], a GEMM with a gather-multiply
-    prologue. Grid ``(cdiv(P, BLOCK_P), cdiv(C, BLOCK_C), n_splits)``; split k sums
+    (SUM: gather-add-multiply) prologue. Grid ``(cdiv(P, BLOCK_P), cdiv(C, BLOCK_C), n_splits)``; split k sums
     d in ``[k D_PER_SPLIT, (k + 1) D_PER_SPLIT)`` (a multiple of BLOCK_D) and stores its
     ``[P, C]`` slice of ``out`` (contiguous ``[n_splits, P, C]``: the logits when n_splits = 1,
     else ACC partials the launcher sums in a fixed order). Each program loops over its D range in
@@ -147,7 +156,7 @@ def _fusion_forward_kernel(
         offs_d = d0 + tl.arange(0, BLOCK_D)
         mask_d = offs_d < d_hi
         g = _fused_tile(subj_ptr, obj_ptr, union_ptr, offs_p, valid, s, o, offs_d, mask_d, DU, s_sk, s_ok, s_up,
-                        ACC, HAS_UNION)
+                        ACC, HAS_UNION, SUM)
         wt = tl.load(weight_ptr + offs_c[None, :] * s_wc + offs_d[:, None],
                      mask=mask_d[:, None] & mask_c[None, :], other=0.0)
         acc = _dot(g, wt, acc, DOT_NATIVE, weight_ptr.dtype.element_ty, PREC)
@@ -163,9 +172,10 @@ def _fusion_dweight_kernel(
     P, K, C, D, DU, TILES_PER_CHUNK,
     s_gp, s_gc, s_sk, s_ok, s_up, s_pp, s_pc,
     ACC: tl.constexpr, HAS_UNION: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_NATIVE: tl.constexpr, PREC: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, SUM: tl.constexpr,
 ):
-    """Partial d weight (and d bias) of one chunk of pair tiles. Grid ``(max(1, cdiv(D, BLOCK_D)),
+    """Partial d weight (and d bias) of one chunk of pair tiles (either form: g from
+    :func:`_fused_tile`). Grid ``(max(1, cdiv(D, BLOCK_D)),
     n_chunks)``; chunk k owns tiles ``[k TILES_PER_CHUNK, (k + 1) TILES_PER_CHUNK)``:
 
         part[k, c, d] = sum_{p in chunk k, valid} G[p, c] g[p, d]   (tl.dot(G^T, g), g recomputed)
@@ -198,7 +208,7 @@ def _fusion_dweight_kernel(
             mask_p = offs_p < P
             valid, s, o = _load_pairs(pairs_ptr, offs_p, mask_p, s_pp, s_pc, K)
             g = _fused_tile(subj_ptr, obj_ptr, union_ptr, offs_p, valid, s, o, offs_d, mask_d, DU, s_sk, s_ok, s_up,
-                            ACC, HAS_UNION)
+                            ACC, HAS_UNION, SUM)
             # G^T loaded transposed, [BLOCK_C, BLOCK_P]; every pair's row reaches the bias
             gt = tl.load(grad_ptr + offs_p[None, :] * s_gp + offs_c[:, None] * s_gc,
                          mask=mask_p[None, :] & mask_c[:, None], other=0.0)
@@ -221,11 +231,12 @@ def _fusion_drows_kernel(
     C, D, DU,
     s_gp, s_gc, s_xk, s_up, s_pp, s_pc, s_wc,
     OTHER_COL: tl.constexpr, ACC: tl.constexpr, HAS_UNION: tl.constexpr, DOT_NATIVE: tl.constexpr, PREC: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, SUM: tl.constexpr,
 ):
     """d subj (OTHER_COL = 1, ``other`` = obj) or d obj (OTHER_COL = 0, ``other`` = subj):
 
         out[k] = sum_{p: self_p = k} dg_p * other[other_p] * u_p
+        (SUM: out[k] = sum_{p: self_p = k} dg_p * u_p; ``other`` is then never read)
 
     from a CSR of the valid pairs by their "self" index: pairs ``order[offsets[k]:offsets[k+1]]``
     (ascending p: the launcher's stable sort). Grid ``(K, cdiv(D, BLOCK_D))``; each program loops
@@ -249,9 +260,12 @@ def _fusion_drows_kernel(
         idx = p0 + tl.arange(0, BLOCK_P)
         m = idx < end
         pair = tl.load(order_ptr + idx, mask=m, other=0).to(tl.int64)
-        other = tl.load(pairs_ptr + pair * s_pp + OTHER_COL * s_pc, mask=m, other=0).to(tl.int64)
         dg = _dg_tile(grad_ptr, weight_ptr, pair, m, offs_d, mask_d, C, s_gp, s_gc, s_wc, ACC, DOT_NATIVE, PREC, BLOCK_C)
-        t = dg * _load_rows(other_ptr, other, m, offs_d, mask_d, s_xk, ACC)
+        if SUM:
+            t = dg
+        else:
+            other = tl.load(pairs_ptr + pair * s_pp + OTHER_COL * s_pc, mask=m, other=0).to(tl.int64)
+            t = dg * _load_rows(other_ptr, other, m, offs_d, mask_d, s_xk, ACC)
         if HAS_UNION:
             t = t * _load_union(union_ptr, pair, m, offs_d, DU, s_up, ACC)
         acc += tl.sum(t, axis=0)
@@ -264,9 +278,10 @@ def _fusion_dunion_kernel(
     P, K, C, DU,
     s_gp, s_gc, s_sk, s_ok, s_pp, s_pc, s_wc,
     ACC: tl.constexpr, DOT_NATIVE: tl.constexpr, PREC: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, SUM: tl.constexpr,
 ):
-    """d union_p = (dg_p * subj[s_p] * obj[o_p])[:Du] (0 for invalid pairs). Grid
+    """d union_p = (dg_p * subj[s_p] * obj[o_p])[:Du] (SUM: (dg_p * (subj[s_p] + obj[o_p]))[:Du]; 0 for
+    invalid pairs). Grid
     ``(cdiv(P, BLOCK_P), cdiv(Du, BLOCK_D))``; ``out`` contiguous ``[P, Du]``.
 
     Floor share: d union written once (P Du e: 37.5 / 395 MiB, ~half the backward's floor); P Du
@@ -282,7 +297,11 @@ def _fusion_dunion_kernel(
     # dg over the padded tile, invalid rows zeroed after the dot (masking the G load with `valid`
     # instead trips a layout-propagation bug of triton 3.6's sm_90 pipeline on the shared select)
     dg = _dg_tile(grad_ptr, weight_ptr, offs_p, mask_p, offs_d, mask_d, C, s_gp, s_gc, s_wc, ACC, DOT_NATIVE, PREC, BLOCK_C)
-    du = dg * _load_rows(subj_ptr, s, valid, offs_d, mask_d, s_sk, ACC) * _load_rows(obj_ptr, o, valid, offs_d, mask_d, s_ok, ACC)
+    if SUM:
+        du = dg * (_load_rows(subj_ptr, s, valid, offs_d, mask_d, s_sk, ACC)
+                   + _load_rows(obj_ptr, o, valid, offs_d, mask_d, s_ok, ACC))
+    else:
+        du = dg * _load_rows(subj_ptr, s, valid, offs_d, mask_d, s_sk, ACC) * _load_rows(obj_ptr, o, valid, offs_d, mask_d, s_ok, ACC)
     du = tl.where(valid[:, None], du, 0.0)
     tl.store(out_ptr + offs_p[:, None] * DU + offs_d[None, :], du.to(out_ptr.dtype.element_ty),
              mask=mask_p[:, None] & mask_d[None, :])

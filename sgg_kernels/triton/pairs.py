@@ -35,6 +35,13 @@ dg thrice, padded C and pair steps: 5.9 / 58.7 GFLOP executed (36 / 356 us at tf
 memory-bound on an H100, about balanced at sgdet on an H200 (4.8 TB/s: 352 us of memory). Each
 kernel's docstring gives its share.
 
+The sum form (``sum_mode``, g_p = (subj[s_p] + obj[o_p]) * u_p: Scene-Graph-Benchmark's Motifs /
+VCTree / Transformer predictors) runs the same four kernels with the constexpr ``SUM``: the same
+grids and tiles; d subj / d obj then gather no rows of the other tensor (dg * u only: one
+[BLOCK_P, BLOCK_D] load and multiply fewer per step), and every sum variant compiles without
+spills at no more registers than its product twin (check_triton_compile.py). Its floor
+(bench/floors.py ``fusion_floor(mode="sum")``) differs from the product's in backward FLOPs only.
+
 Pairs with an index outside ``[0, K)`` are never read: their g is 0 (logits = bias), so their
 gradient reaches d bias and nothing else. Empty inputs (P = 0, K = 0, C = 0) launch nothing empty.
 
@@ -161,9 +168,10 @@ def _union_args(union: Optional[Tensor], like: Tensor) -> Tuple[Tensor, int, int
 # Eq. 12-14
 # ---------------------------------------------------------------------------------------------
 def pairwise_edge_fusion(subj: Tensor, obj: Tensor, union: Optional[Tensor], pairs: Tensor, weight: Tensor,
-                         bias: Optional[Tensor]) -> Tensor:
-    """Eq. 12-14: ``logits [P, C] = g W^T + bias`` with g_p = subj[s_p] * obj[o_p] * u_p, in the
-    input dtype. One launch; never more than a ``BLOCK_P x BLOCK_D`` tile of g."""
+                         bias: Optional[Tensor], sum_mode: bool = False) -> Tensor:
+    """Eq. 12-14: ``logits [P, C] = g W^T + bias`` with g_p = subj[s_p] * obj[o_p] * u_p (``sum_mode``:
+    g_p = (subj[s_p] + obj[o_p]) * u_p), in the input dtype. One launch; never more than a
+    ``BLOCK_P x BLOCK_D`` tile of g."""
     K, D = subj.shape
     P, C = pairs.shape[0], weight.shape[0]
     out = torch.empty((P, C), dtype=subj.dtype, device=subj.device)
@@ -185,7 +193,7 @@ def pairwise_edge_fusion(subj: Tensor, obj: Tensor, union: Optional[Tensor], pai
         P, K, C, D, du, d_per_split,
         subj.stride(0), obj.stride(0), s_up, *pairs.stride(), weight.stride(0),
         ACC=acc_tl, HAS_UNION=union is not None, HAS_BIAS=has_bias and n_splits == 1, DOT_NATIVE=native,
-        PREC=dot_precision(acc), BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_D=block_d,
+        PREC=dot_precision(acc), BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_D=block_d, SUM=bool(sum_mode),
         num_warps=_NUM_WARPS, num_stages=_NUM_STAGES, **_maxnreg(acc, 0 if native else _MAXNREG_FORWARD, subj.device, block_c),
     )
     if n_splits > 1:
@@ -218,9 +226,9 @@ def _csr(key: Tensor, K: int) -> Tuple[Tensor, Tensor]:
 
 
 def pairwise_edge_fusion_backward(grad: Tensor, subj: Tensor, obj: Tensor, union: Optional[Tensor], pairs: Tensor,
-                                  weight: Tensor, has_bias: bool):
-    """``(d subj [K, D], d obj [K, D], d union [P, Du] | empty, d weight [C, D], d bias [C] | empty)``,
-    formulas in the reference module docstring. Four launches (d weight + d bias, d subj, d obj,
+                                  weight: Tensor, has_bias: bool, sum_mode: bool = False):
+    """``(d subj [K, D], d obj [K, D], d union [P, Du] | empty, d weight [C, D], d bias [C] | empty)``
+    of the product form (``sum_mode``: of the sum form), formulas in the reference module docstring. Four launches (d weight + d bias, d subj, d obj,
     d union) plus two stable sorts for the CSRs; deterministic."""
     K, D = subj.shape
     P, C = pairs.shape[0], weight.shape[0]
@@ -258,7 +266,7 @@ def pairwise_edge_fusion_backward(grad: Tensor, subj: Tensor, obj: Tensor, union
         P, K, C, D, du, per_chunk,
         s_gp, s_gc, subj.stride(0), obj.stride(0), s_up, s_pp, s_pc,
         ACC=acc_tl, HAS_UNION=has_union, HAS_BIAS=has_bias, DOT_NATIVE=native, PREC=dot_precision(acc),
-        BLOCK_P=block_p_dw, BLOCK_C=block_c, BLOCK_D=block_d_dw,
+        BLOCK_P=block_p_dw, BLOCK_C=block_c, BLOCK_D=block_d_dw, SUM=bool(sum_mode),
         num_warps=_NUM_WARPS, num_stages=_NUM_STAGES_LOOP, **cap_dw,
     )
     d_weight = part.sum(dim=0).to(weight.dtype)
@@ -277,7 +285,7 @@ def pairwise_edge_fusion_backward(grad: Tensor, subj: Tensor, obj: Tensor, union
                 C, D, du,
                 s_gp, s_gc, other.stride(0), s_up, s_pp, s_pc, weight.stride(0),
                 OTHER_COL=1 - self_col, ACC=acc_tl, HAS_UNION=has_union, DOT_NATIVE=native, PREC=dot_precision(acc),
-                BLOCK_P=block_rows, BLOCK_C=block_c, BLOCK_D=block_d,
+                BLOCK_P=block_rows, BLOCK_C=block_c, BLOCK_D=block_d, SUM=bool(sum_mode),
                 num_warps=_NUM_WARPS_GATHER, num_stages=_NUM_STAGES_LOOP,
             )
 
@@ -288,7 +296,7 @@ def pairwise_edge_fusion_backward(grad: Tensor, subj: Tensor, obj: Tensor, union
             P, K, C, du,
             s_gp, s_gc, subj.stride(0), obj.stride(0), s_pp, s_pc, weight.stride(0),
             ACC=acc_tl, DOT_NATIVE=native, PREC=dot_precision(acc),
-            BLOCK_P=block_p_du, BLOCK_C=block_c, BLOCK_D=_pow2(du, block_d),
+            BLOCK_P=block_p_du, BLOCK_C=block_c, BLOCK_D=_pow2(du, block_d), SUM=bool(sum_mode),
             num_warps=_NUM_WARPS if native else _NUM_WARPS_GATHER, num_stages=_NUM_STAGES,
         )
     return d_subj, d_obj, d_union, d_weight, d_bias
