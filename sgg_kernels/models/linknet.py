@@ -354,7 +354,7 @@ class LinkNetHead(nn.Module):
                               ("union_feats", union_feats)], "this LinkNetHead", self.fc4.weight.dtype)
 
     def forward(self, roi_feats: Tensor, obj_logits: Tensor, context: Tensor, boxes: Tensor, box_batch: Tensor,
-                pairs: Tensor, union_feats: Tensor) -> Tuple[Tensor, Tensor]:
+                pairs: Tensor, union_feats: Tensor, *, obj_labels: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
         """
         Args:
             roi_feats (Tensor[K, roi_dim]): f_RoI of every box of the batch.
@@ -364,6 +364,9 @@ class LinkNetHead(nn.Module):
             box_batch (Tensor[K] int64): image of each box, in [0, B).
             pairs (Tensor[P, 2] int64): (subject, object) indices into the K boxes, both of one image.
             union_feats (Tensor[P, union_dim]): F, the union-box features of each pair.
+            obj_labels (Tensor[K] int64 in [0, num_obj_classes), optional): known object labels
+                (PredCls): Eq. 10's O4' becomes one_hot(obj_labels) instead of one_hot(argmax O4).
+                The returned O4 is computed all the same.
 
         Returns:
             (obj_logits Tensor[K, num_obj_classes] = O4 of Eq. 6,
@@ -380,14 +383,20 @@ class LinkNetHead(nn.Module):
         """
         self._check(roi_feats, obj_logits, context, boxes, box_batch, pairs, union_feats)
         proved = _checks.module_value_checks()  # eager, checks on: the op below checks everything once
+        if obj_labels is not None:
+            _checks.tensor(obj_labels, "obj_labels", "K", kind="index")
+            _checks.size(obj_labels, "obj_labels", 0, roi_feats.shape[0], "K, the rows of roi_feats")
+            _checks.same_device([("roi_feats", roi_feats), ("obj_labels", obj_labels)])
+            if proved:  # K1 is an embedding lookup: a label outside [0, C_obj) would read out of bounds
+                _checks.index_range(obj_labels, "obj_labels", self.num_obj_classes, "num_obj_classes")
         box_batch = _checked_batch(box_batch, pairs, context.shape[0])
         if not proved:
-            return self._forward(roi_feats, obj_logits, context, boxes, box_batch, pairs, union_feats)
+            return self._forward(roi_feats, obj_logits, context, boxes, box_batch, pairs, union_feats, obj_labels)
         with suspended_value_checks():
-            return self._forward(roi_feats, obj_logits, context, boxes, box_batch, pairs, union_feats)
+            return self._forward(roi_feats, obj_logits, context, boxes, box_batch, pairs, union_feats, obj_labels)
 
     def _forward(self, roi_feats: Tensor, obj_logits: Tensor, context: Tensor, boxes: Tensor, box_batch: Tensor,
-                 pairs: Tensor, union_feats: Tensor) -> Tuple[Tensor, Tensor]:
+                 pairs: Tensor, union_feats: Tensor, obj_labels: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
         """:meth:`forward` on arguments already checked (their values included, while checks are on)."""
         # Sec. 3.3.1: O0 = (f_RoI, K0 l, c)
         label_embed = self.K0(torch.softmax(obj_logits, dim=-1))
@@ -402,8 +411,14 @@ class LinkNetHead(nn.Module):
         O4 = self.rem2.fc1(O3)  # Eq. 6
 
         # Sec. 3.4.1
-        pred = O4.argmax(dim=1)  # Eq. 10 (row-wise argmax; K1 O4' is a row lookup)
-        E0 = torch.cat([self.K1(pred), O3], dim=1)  # Eq. 11
+        # Eq. 10 (row-wise argmax; K1 O4' is a row lookup), or the given labels (PredCls)
+        if obj_labels is None:
+            label_embed1 = self.K1(O4.argmax(dim=1))
+        else:  # with set_checks(False), a label outside [0, C_obj) gets a zero row, never an out-of-bounds read
+            C = self.num_obj_classes
+            valid = ((obj_labels >= 0) & (obj_labels < C)).unsqueeze(1)
+            label_embed1 = self.K1(obj_labels.clamp(0, C - 1)) * valid
+        E0 = torch.cat([label_embed1, O3], dim=1)  # Eq. 11
         E1 = self.rem3(E0, box_batch)  # [K, 2 union_dim]: subject half, object half
 
         Du = self.union_dim

@@ -1,0 +1,416 @@
+"""UnionFeatureExtractor (sgg_kernels.integrations.sgb) against Scene-Graph-Benchmark's
+RelationFeatureExtractor written out plainly (float64 on the CPU): forward, gradients w.r.t. every
+parameter and the feature maps, BN running statistics; chunk sizes 1, 3, P, > P; train and eval;
+separate_spatial on and off; one-level pooling; state_dict keys; bad inputs; saved memory."""
+import copy
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import sgg_kernels as sk
+from sgg_kernels.integrations.sgb import UnionFeatureExtractor
+
+C, D, R = 8, 32, 7  # in_channels, mlp_head_dim, pooler resolution
+SCALES = (0.25, 0.125, 0.0625, 0.03125)
+RATIO = 2
+
+
+class BoxList:
+    """The part of maskrcnn_benchmark's BoxList these modules read (float32 bbox, as SGB's constructor)."""
+
+    def __init__(self, bbox, image_size, mode="xyxy"):
+        self.bbox = torch.as_tensor(bbox, dtype=torch.float32).reshape(-1, 4)
+        self.size = image_size
+        self.mode = mode
+        self.extra_fields = {}
+
+    def get_field(self, name):
+        return self.extra_fields[name]
+
+    def __len__(self):
+        return self.bbox.shape[0]
+
+    def convert(self, mode):
+        if mode == self.mode:
+            return self
+        x1, y1, x2, y2 = self.bbox.unbind(1)
+        return BoxList(torch.stack((x1, y1, x2 - x1 + 1, y2 - y1 + 1), 1), self.size, mode)
+
+
+def _scene(seed=0):
+    """2 images of different sizes; boxes from ~10 px to the whole image (all four FPN levels under
+    the LevelMapper); fractional coordinates, so floor / ceil of the rect canvas matter."""
+    g = torch.Generator().manual_seed(seed)
+    sizes = [(520, 480), (400, 300)]
+    raw = [
+        [[3.3, 4.7, 15.2, 17.9], [10.5, 20.25, 200.75, 180.1], [0.0, 0.0, 519.0, 479.0], [250.6, 100.4, 330.2, 400.9],
+         [60.1, 300.3, 75.8, 310.6]],
+        [[1.2, 2.2, 399.0, 299.0], [100.5, 50.5, 140.5, 90.5], [20.9, 30.1, 22.3, 31.7], [300.0, 10.0, 390.7, 250.3]],
+    ]
+    proposals = [BoxList(torch.tensor(b) + 0.01 * torch.rand(len(b), 4, generator=g), s) for b, s in zip(raw, sizes)]
+    rel = [torch.tensor([[0, 1], [1, 0], [2, 3], [4, 2], [3, 4], [1, 3]]),
+           torch.tensor([[0, 1], [2, 3], [3, 1], [1, 2]])]
+    H, W = max(s[1] for s in sizes), max(s[0] for s in sizes)
+    features = [torch.randn(2, C, math.ceil(H * s), math.ceil(W * s), generator=g, dtype=torch.float64) for s in SCALES]
+    return features, proposals, rel
+
+
+def _module(seed=1, **kw):
+    torch.manual_seed(seed)
+    kw.setdefault("scales", SCALES)
+    m = UnionFeatureExtractor(in_channels=C, resolution=R, sampling_ratio=RATIO, mlp_head_dim=D, **kw).double()
+    with torch.no_grad():  # non-trivial BN affine parameters and running statistics
+        for bn in (m.rect_conv[2], m.rect_conv[6]):
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.3, 0.3)
+            bn.running_mean.uniform_(-0.2, 0.2)
+            bn.running_var.uniform_(0.5, 2.0)
+    return m
+
+
+# ---------------------------------------------------------------------------------------------
+# SGB's RelationFeatureExtractor.forward, written out (roi_relation_feature_extractors.py,
+# poolers.py, bounding_box.py), on a copy of the module's layers
+# ---------------------------------------------------------------------------------------------
+def _sgb_resize_to_rect(bbox, image_size, rect_size):
+    """BoxList.resize((rect_size, rect_size)): float32 boxes times the Python-float ratios."""
+    ratios = tuple(float(s) / float(s0) for s, s0 in zip((rect_size, rect_size), image_size))
+    if ratios[0] == ratios[1]:
+        return bbox * ratios[0]
+    x1, y1, x2, y2 = bbox.split(1, dim=-1)
+    return torch.cat((x1 * ratios[0], y1 * ratios[1], x2 * ratios[0], y2 * ratios[1]), dim=-1)
+
+
+def _sgb_level_mapper(union, scales):
+    """LevelMapper(k_min, k_max) on float32 union boxes: Eq. 1 of the FPN paper."""
+    k_min = -torch.log2(torch.tensor(scales[0], dtype=torch.float32)).item()
+    k_max = -torch.log2(torch.tensor(scales[-1], dtype=torch.float32)).item()
+    area = (union[:, 2] - union[:, 0] + 1) * (union[:, 3] - union[:, 1] + 1)
+    s = torch.sqrt(area)
+    lvl = torch.floor(4 + torch.log2(s / 224 + 1e-6))
+    lvl = torch.clamp(lvl, min=k_min, max=k_max)
+    return lvl.to(torch.int64) - k_min
+
+
+def sgb_relation_features(ref, x, proposals, rel_pair_idxs, separate_spatial, pooling_all_levels=True):
+    rect_size = ref.resolution * 4 - 1
+    dtype = x[0].dtype
+    union_boxes, rect_inputs = [], []
+    for proposal, rel in zip(proposals, rel_pair_idxs):
+        head, tail = proposal.bbox[rel[:, 0]], proposal.bbox[rel[:, 1]]
+        union_boxes.append(torch.cat((torch.min(head[:, :2], tail[:, :2]), torch.max(head[:, 2:], tail[:, 2:])), dim=1))
+        n = len(rel)
+        xr = torch.arange(rect_size).view(1, 1, -1).expand(n, rect_size, rect_size)
+        yr = torch.arange(rect_size).view(1, -1, 1).expand(n, rect_size, rect_size)
+
+        def rect(b):
+            b = _sgb_resize_to_rect(b, proposal.size, rect_size)
+            return ((xr >= b[:, 0].floor().view(-1, 1, 1).long()) & (xr <= b[:, 2].ceil().view(-1, 1, 1).long())
+                    & (yr >= b[:, 1].floor().view(-1, 1, 1).long())
+                    & (yr <= b[:, 3].ceil().view(-1, 1, 1).long())).to(dtype)
+
+        rect_inputs.append(torch.stack((rect(head), rect(tail)), dim=1))
+    rect_features = ref.rect_conv(torch.cat(rect_inputs, dim=0))  # nn.Sequential: real BatchNorm2d on all pairs
+
+    rois = torch.cat(union_boxes)
+    roi_batch = torch.cat([torch.full((len(u),), i, dtype=torch.int64) for i, u in enumerate(union_boxes)])
+    pooled = [sk.roi_align(level, rois, roi_batch, R, spatial_scale=s, sampling_ratio=ref.sampling_ratio, aligned=False)
+              for level, s in zip(x, ref.scales)]
+    if len(x) == 1:
+        vis = pooled[0]
+    elif pooling_all_levels:
+        vis = ref.feature_extractor.pooler.reduce_channel(torch.cat(pooled, dim=1))
+    else:
+        levels = _sgb_level_mapper(rois, ref.scales)
+        vis = torch.zeros_like(pooled[0])
+        for lvl in range(len(x)):
+            idx = torch.nonzero(levels == lvl).squeeze(1)
+            vis[idx] = pooled[lvl][idx]
+
+    def mlp(t):  # FPN2MLPFeatureExtractor.forward_without_pool
+        t = t.view(t.size(0), -1)
+        return torch.relu(ref.feature_extractor.fc7(torch.relu(ref.feature_extractor.fc6(t))))
+
+    if separate_spatial:
+        return mlp(vis), ref.spatial_fc(rect_features.view(rect_features.size(0), -1))
+    return mlp(vis + rect_features)
+
+
+def _loss(out, weights):
+    outs = out if isinstance(out, tuple) else (out,)
+    return sum((o * w).sum() for o, w in zip(outs, weights))
+
+
+def _compare(m, train, separate_spatial, chunk_size, pooling_all_levels=True, scene_seed=0, levels=None):
+    features, proposals, rel = _scene(scene_seed)
+    if levels is not None:
+        features = features[:levels]
+    ref = copy.deepcopy(m)
+    m.chunk_size = chunk_size
+    m.train(train)
+    ref.train(train)
+    f1 = [f.clone().requires_grad_() for f in features]
+    f2 = [f.clone().requires_grad_() for f in features]
+    out = m(f1, proposals, rel)
+    expect = sgb_relation_features(ref, f2, proposals, rel, separate_spatial, pooling_all_levels)
+    outs = out if isinstance(out, tuple) else (out,)
+    expects = expect if isinstance(expect, tuple) else (expect,)
+    assert len(outs) == len(expects)
+    g = torch.Generator().manual_seed(7)
+    weights = [torch.randn(e.shape, generator=g, dtype=e.dtype) for e in expects]
+    for o, e in zip(outs, expects):
+        assert o.shape == (10, D)
+        torch.testing.assert_close(o, e, rtol=1e-9, atol=1e-10)
+    _loss(out, weights).backward()
+    _loss(expect, weights).backward()
+    ref_params = dict(ref.named_parameters())
+    n_checked = 0
+    for name, p in m.named_parameters():
+        q = ref_params[name]
+        if q.grad is None:
+            assert p.grad is None or not p.grad.any(), name
+            continue
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-8, atol=1e-10, msg=lambda s: f"{name}: {s}")
+        n_checked += 1
+    assert n_checked >= 8
+    for a, b in zip(f1, f2):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-8, atol=1e-10)
+    ref_buffers = dict(ref.named_buffers())
+    for name, b in m.named_buffers():
+        torch.testing.assert_close(b, ref_buffers[name], rtol=1e-9, atol=1e-12, msg=lambda s: f"{name}: {s}")
+    return m, ref
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 10, 64, None])  # P = 10
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("separate_spatial", [False, True])
+def test_matches_sgb_relation_feature_extractor(chunk_size, train, separate_spatial):
+    m = _module(separate_spatial=separate_spatial)
+    before = [b.clone() for b in m.buffers()]
+    m, _ = _compare(m, train, separate_spatial, chunk_size)
+    after = list(m.buffers())
+    if train:  # running statistics moved, once (num_batches_tracked 0 -> 1)
+        assert int(m.rect_conv[2].num_batches_tracked) == 1 and int(m.rect_conv[6].num_batches_tracked) == 1
+        assert not torch.equal(before[0], after[0])
+    else:
+        assert all(torch.equal(a, b) for a, b in zip(before, after))
+
+
+@pytest.mark.parametrize("chunk_size", [3, None])
+def test_single_level_mapping_matches_sgb(chunk_size):
+    # pooling_all_levels=False: SGB's LevelMapper picks each union box's level; the scene's union
+    # boxes fall on all four levels
+    features, proposals, rel = _scene()
+    rois = torch.cat([torch.cat((torch.min(p.bbox[r[:, 0], :2], p.bbox[r[:, 1], :2]),
+                                 torch.max(p.bbox[r[:, 0], 2:], p.bbox[r[:, 1], 2:])), 1)
+                      for p, r in zip(proposals, rel)])
+    assert set(_sgb_level_mapper(rois, SCALES).tolist()) == {0.0, 1.0, 2.0, 3.0}
+    m = _module(pooling_all_levels=False)
+    assert not hasattr(m.feature_extractor.pooler, "reduce_channel")
+    _compare(m, True, False, chunk_size, pooling_all_levels=False)
+
+
+def test_one_level_pools_without_reduce_channel():
+    m = _module(scales=(0.25,))
+    assert hasattr(m.feature_extractor.pooler, "reduce_channel")  # SGB creates it, and never applies it
+    _compare(m, True, False, 4, levels=1)
+
+
+def test_momentum_none_and_repeated_steps():
+    m = _module()
+    m.rect_conv[2].momentum = None  # cumulative moving average, as BatchNorm2d
+    m, ref = _compare(m, True, False, 3)
+    features, proposals, rel = _scene(seed=3)  # a second training step on other features
+    with torch.no_grad():
+        m(features, proposals, rel)
+        sgb_relation_features(ref, features, proposals, rel, False)
+    assert int(m.rect_conv[2].num_batches_tracked) == 2
+    ref_buffers = dict(ref.named_buffers())
+    for name, b in m.named_buffers():
+        torch.testing.assert_close(b, ref_buffers[name], rtol=1e-9, atol=1e-12, msg=lambda s: f"{name}: {s}")
+
+
+def test_group_norm_fc_matches():
+    m = _module(use_gn=True, gn_groups=4)
+    keys = [k for k in m.state_dict() if k.startswith("feature_extractor.fc")]
+    assert keys == ["feature_extractor.fc6.0.weight", "feature_extractor.fc6.1.weight", "feature_extractor.fc6.1.bias",
+                    "feature_extractor.fc7.0.weight", "feature_extractor.fc7.1.weight", "feature_extractor.fc7.1.bias"]
+    _compare(m, True, False, 3)
+
+
+def test_rect_masks_floor_ceil_by_hand():
+    # image 54 x 27 -> canvas 27 x 27: x scaled by 0.5, y by 1; box (3, 2.5, 20.2, 5) -> x in
+    # [floor(1.5), ceil(10.1)] = [1, 11], y in [floor(2.5), ceil(5)] = [2, 5]
+    m = _module()
+    boxes = torch.tensor([[3.0, 2.5, 20.2, 5.0], [0.0, 0.0, 53.0, 26.0]])
+    bounds = m._rect_bounds(boxes, torch.tensor([0, 0]), [(54, 27)])
+    assert bounds.tolist() == [[1, 2, 11, 5], [0, 0, 27, 26]]
+    masks = m._masks(bounds, torch.tensor([[0, 1]]), torch.float64)
+    expect = torch.zeros(27, 27, dtype=torch.float64)
+    expect[2:6, 1:12] = 1
+    assert torch.equal(masks[0, 0], expect) and masks[0, 1].sum() == 27 * 27
+    # float32 arithmetic, as SGB's BoxList: 44.444443 * fl32(27 / 400) rounds to 3.0 in float32
+    # (floor 3), while float64 arithmetic gives 2.99999989 (floor 2)
+    x1 = torch.tensor(44.44444274902344, dtype=torch.float32)
+    assert int((x1.double() * (27 / 400)).floor()) == 2
+    box = BoxList(torch.stack([x1, torch.tensor(10.0), torch.tensor(100.0), torch.tensor(20.0)]).view(1, 4), (400, 300))
+    sgb_scaled = _sgb_resize_to_rect(box.bbox, box.size, 27)
+    bounds = m._rect_bounds(box.bbox.double(), torch.tensor([0]), [box.size])
+    assert bounds[0, 0] == 3 == int(sgb_scaled[0, 0].floor())
+
+
+SGB_KEYS = [
+    "feature_extractor.pooler.reduce_channel.0.weight", "feature_extractor.pooler.reduce_channel.0.bias",
+    "feature_extractor.fc6.weight", "feature_extractor.fc6.bias",
+    "feature_extractor.fc7.weight", "feature_extractor.fc7.bias",
+    "rect_conv.0.weight", "rect_conv.0.bias",
+    "rect_conv.2.weight", "rect_conv.2.bias", "rect_conv.2.running_mean", "rect_conv.2.running_var",
+    "rect_conv.2.num_batches_tracked",
+    "rect_conv.4.weight", "rect_conv.4.bias",
+    "rect_conv.6.weight", "rect_conv.6.bias", "rect_conv.6.running_mean", "rect_conv.6.running_var",
+    "rect_conv.6.num_batches_tracked",
+]
+SPATIAL_KEYS = ["spatial_fc.0.weight", "spatial_fc.0.bias", "spatial_fc.2.weight", "spatial_fc.2.bias"]
+
+
+def test_state_dict_keys_and_shapes_equal_sgb():
+    m = UnionFeatureExtractor()  # SGB's X-101 FPN relation config: C = 256, R = 7, 4 levels, D = 4096
+    sd = m.state_dict()
+    assert sorted(sd) == sorted(SGB_KEYS)
+    shapes = {"feature_extractor.pooler.reduce_channel.0.weight": (256, 1024, 3, 3),
+              "feature_extractor.fc6.weight": (4096, 256 * 49), "feature_extractor.fc7.weight": (4096, 4096),
+              "rect_conv.0.weight": (128, 2, 7, 7), "rect_conv.2.running_var": (128,),
+              "rect_conv.4.weight": (256, 128, 3, 3), "rect_conv.6.weight": (256,)}
+    for k, s in shapes.items():
+        assert tuple(sd[k].shape) == s, k
+    assert m.rect_size == 27 and m.rect_conv[2].momentum == 0.01
+    sep = UnionFeatureExtractor(in_channels=C, mlp_head_dim=D, separate_spatial=True)
+    assert sorted(sep.state_dict()) == sorted(SGB_KEYS + SPATIAL_KEYS)
+    assert tuple(sep.state_dict()["spatial_fc.0.weight"].shape) == (D // 2, C * 49)
+    # an SGB-named state dict (other values) loads strictly and round-trips
+    small = _module()
+    other = {k: torch.randn_like(v) if v.is_floating_point() else v + 3 for k, v in small.state_dict().items()}
+    small.load_state_dict(other)
+    assert all(torch.equal(small.state_dict()[k], other[k]) for k in SGB_KEYS)
+
+
+def test_from_config_reads_sgb_keys():
+    cfg = SimpleNamespace(MODEL=SimpleNamespace(
+        ATTRIBUTE_ON=False,
+        ROI_BOX_HEAD=SimpleNamespace(POOLER_RESOLUTION=5, POOLER_SCALES=(0.25, 0.125), POOLER_SAMPLING_RATIO=0,
+                                     MLP_HEAD_DIM=16, USE_GN=True, FEATURE_EXTRACTOR="FPN2MLPFeatureExtractor"),
+        ROI_RELATION_HEAD=SimpleNamespace(POOLING_ALL_LEVELS=False, CAUSAL=SimpleNamespace(SEPARATE_SPATIAL=True)),
+        GROUP_NORM=SimpleNamespace(DIM_PER_GP=-1, NUM_GROUPS=4, EPSILON=1e-3)))
+    m = UnionFeatureExtractor.from_config(cfg, 6, chunk_size=7)
+    assert (m.in_channels, m.resolution, m.scales, m.sampling_ratio, m.out_channels) == (6, 5, (0.25, 0.125), 0, 16)
+    assert (m.pooling_all_levels, m.separate_spatial, m.rect_size, m.chunk_size) == (False, True, 19, 7)
+    gn = m.feature_extractor.fc6[1]
+    assert gn.num_groups == 4 and gn.eps == 1e-3
+    cfg.MODEL.ATTRIBUTE_ON = True
+    with pytest.raises(NotImplementedError, match="ATTRIBUTE_ON"):
+        UnionFeatureExtractor.from_config(cfg, 6)
+    cfg.MODEL.ATTRIBUTE_ON = False
+    cfg.MODEL.ROI_BOX_HEAD.FEATURE_EXTRACTOR = "ResNet50Conv5ROIFeatureExtractor"
+    with pytest.raises(NotImplementedError, match="FPN2MLPFeatureExtractor only"):
+        UnionFeatureExtractor.from_config(cfg, 6)
+    with pytest.raises(ValueError, match="cfg has no MODEL.ATTRIBUTE_ON"):
+        UnionFeatureExtractor.from_config(SimpleNamespace(MODEL=SimpleNamespace()), 6)
+
+
+def test_extra_fpn_level_is_ignored_as_sgb():
+    # SGB's FPN returns P2-P6 (LastLevelMaxPool) for 4 pooler scales; its Pooler zips them, dropping P6
+    features, proposals, rel = _scene()
+    m = _module().eval()
+    p6 = torch.nn.functional.max_pool2d(features[-1], 1, 2, 0)
+    out = m(features, proposals, rel)
+    torch.testing.assert_close(m(features + [p6], proposals, rel), out, rtol=0, atol=0)
+    with torch.no_grad():  # inference: chunks without checkpointing, same values
+        torch.testing.assert_close(m(features, proposals, rel), out, rtol=0, atol=0)
+
+
+def test_no_pairs_gives_empty_and_keeps_statistics():
+    features, proposals, _ = _scene()
+    m = _module(separate_spatial=True)
+    buffers = [b.clone() for b in m.buffers()]
+    region, spatial = m(features, proposals, [torch.zeros(0, 2, dtype=torch.int64)] * 2)
+    assert region.shape == (0, D) and spatial.shape == (0, D)
+    assert all(torch.equal(a, b) for a, b in zip(buffers, m.buffers()))
+    # an image without pairs next to one with pairs: only the latter's rows
+    out = _module()(features, proposals, [torch.zeros(0, 2, dtype=torch.int64), torch.tensor([[0, 1], [1, 0]])])
+    assert out.shape == (2, D)
+
+
+def test_bad_inputs():
+    features, proposals, rel = _scene()
+    m = _module()
+    with pytest.raises(ValueError, match="rel_pair_idxs has 1 images but proposals has 2"):
+        m(features, proposals, rel[:1])
+    with pytest.raises(IndexError, match=r"rel_pair_idxs\[1\] holds indices outside \[0, 4\)"):
+        m(features, proposals, [rel[0], torch.tensor([[0, 4]])])
+    xywh = [proposals[0], proposals[1].convert("xywh")]
+    with pytest.raises(ValueError, match=r"proposals\[1\] is a BoxList in mode 'xywh'.*convert\(\"xyxy\"\)"):
+        m(features, xywh, rel)
+    with pytest.raises(ValueError, match="rel_pair_idxs is required"):
+        m(features, proposals, None)
+    with pytest.raises(ValueError, match="features must be a list of at least 4 FPN levels"):
+        m(features[:3], proposals, rel)
+    with pytest.raises(ValueError, match=r"features\[2\] has size 5 in dim 1.*in_channels"):
+        m(features[:2] + [features[2][:, :5]] + features[3:], proposals, rel)
+    with pytest.raises(ValueError, match=r"features\[0\] is float32 but the parameters of UnionFeatureExtractor"):
+        m([f.float() for f in features], proposals, rel)
+    with pytest.raises(ValueError, match=r"features\[1\] has size 1 in dim 0"):
+        m([features[0], features[1][:1], features[2], features[3]], proposals, rel)
+    boxes = torch.cat([p.bbox for p in proposals])
+    box_batch = torch.tensor([0] * 5 + [1] * 4)
+    sizes = [p.size for p in proposals]
+    with pytest.raises(ValueError, match=r"image_sizes must hold one \(width, height\) per image"):
+        m.forward_packed(features, boxes, box_batch, torch.tensor([[0, 1]]), sizes[:1])
+    with pytest.raises(ValueError, match=r"image_sizes\[1\] must be \(width, height\)"):
+        m.forward_packed(features, boxes, box_batch, torch.tensor([[0, 1]]), [sizes[0], (0, 3)])
+    with pytest.raises(ValueError, match=r"pairs\[1\] = \(4, 5\) joins boxes of images 0 and 1"):
+        m.forward_packed(features, boxes, box_batch, torch.tensor([[0, 1], [4, 5]]), sizes)
+    with pytest.raises(IndexError, match="pairs holds 9, outside"):
+        m.forward_packed(features, boxes, box_batch, torch.tensor([[0, 9]]), sizes)
+    with pytest.raises(IndexError, match="box_batch holds 2, outside"):
+        m.forward_packed(features, boxes, torch.tensor([0] * 5 + [2] * 4), torch.tensor([[0, 1]]), sizes)
+    with pytest.raises(TypeError, match="pairs must be an int64 tensor"):
+        m.forward_packed(features, boxes, box_batch, torch.tensor([[0.0, 1.0]]), sizes)
+    with pytest.raises(ValueError, match="chunk_size must be a positive int"):
+        UnionFeatureExtractor(chunk_size=0)
+    with pytest.raises(ValueError, match="scales must be a non-empty list"):
+        UnionFeatureExtractor(scales=())
+
+
+def test_chunked_backward_keeps_less_saved_memory():
+    """Memory saved for backward, counted with saved_tensors_hooks as distinct storages other than
+    the feature maps (which the caller keeps alive anyway): the checkpoint keeps its chunk inputs
+    (references to the features, the chunk's pairs) and drops everything computed inside a chunk;
+    so with chunks only pair indices and per-channel statistics remain, unchunked every activation
+    of every pair."""
+    features, proposals, rel = _scene()
+
+    def saved_bytes(chunk_size):
+        m = _module()
+        m.chunk_size = chunk_size
+        f = [x.clone().requires_grad_() for x in features]
+        inputs = {x.untyped_storage().data_ptr() for x in f}
+        storages = {}
+
+        def pack(t):
+            ptr = t.untyped_storage().data_ptr()
+            if ptr not in inputs:
+                storages[ptr] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = m(f, proposals, rel)
+        out.sum().backward()
+        assert all(x.grad is not None for x in f)
+        return sum(storages.values()), out.numel() * out.element_size()
+
+    chunked, out_bytes = saved_bytes(3)
+    unchunked, _ = saved_bytes(None)
+    assert chunked < out_bytes  # less than the [P, D] output itself: nothing per pair and layer is kept
+    assert unchunked > 20 * out_bytes  # the plain path keeps rect, pooled and hidden activations
