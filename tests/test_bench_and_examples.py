@@ -1,4 +1,5 @@
 """The benchmark command and the example scripts run end to end (tiny sizes; no timing asserted)."""
+import dataclasses
 import json
 
 import pytest
@@ -35,6 +36,39 @@ def test_sgg_bench_writes_results_json(tmp_path):
     assert "cluster_aggregate" in proc.stdout and "median" in proc.stdout.lower()
     header = next(line for line in proc.stdout.splitlines() if line.startswith("op "))
     assert "floor MB" in header and "floor GFLOP" in header and "%" not in header
+
+
+def test_sgg_bench_single_call_times_one_call(monkeypatch):
+    """--single-call: the peak-memory call, then exactly one timed call per row (counted), and the
+    JSON and footer say so."""
+    from sgg_kernels.bench import registry, runner
+
+    case = registry.all_cases()["cluster_dispatch"]
+    calls = []
+
+    def counted(**kw):
+        calls.append(1)
+        return case.fused(**kw)
+
+    counted_case = dataclasses.replace(case, fused=counted)
+    monkeypatch.setattr(runner.timing, "peak_memory_mb", lambda step, device: (step(), 1.0)[1])
+    rows = runner.run([counted_case], ["small"], impls=("fused",), passes=("fwd",), single_call=True)
+    assert len(rows) == 1 and rows[0].median_ms > 0 and rows[0].first_call_s is None and rows[0].peak_mem_mb == 1.0
+    assert len(calls) == 2  # the peak-memory call and the timed one
+    calls.clear()
+    runner.run([counted_case], ["small"], impls=("fused",), passes=("fwd",), min_time=0.01)
+    assert len(calls) > 2  # the default: cold call, warm-up, peak, autorange
+
+
+def test_sgg_bench_single_call_json(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = _run(["-m", "sgg_kernels.bench", "--device", "cpu", "--size", "small", "--ops", "cluster_dispatch",
+                 "--no-compile", "--passes", "fwd", "--single-call", "--no-progress", "--out", str(out)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["single_call"] is True and data["min_time_s"] is None
+    assert "ONE timed call" in data["timer"] and "ONE timed call" in proc.stdout
+    assert all(r["median_ms"] > 0 and not r.get("error") for r in data["results"])
 
 
 def test_superpixel_example_runs():

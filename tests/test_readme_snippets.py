@@ -21,6 +21,7 @@ EXPECTED = {
     "linknet_head.py": "obj_logits [10, 151] rel_logits [42, 51] losses ['loss_gce', 'loss_obj_cls', 'loss_rel_cls']",
     "seg_grounded_masks.py": "masks [10, 150, 28, 28] z_hat [10, 256, 28, 28] m_pair [42, 150, 14, 14] "
                              "z_hat_pair [42, 256, 14, 14]",
+    "sgb_drop_in.py": "union_feats [42, 512] rel_dists [42, 51] per image [[30, 51], [12, 51]]",
     "sil_rde.py": "sil_map [2, 256, 16, 24] rel_feats [42, 512] losses ['info', 'pred_rde', 'proto', 'proto_sep', "
                   "'re', 'total']",
 }

@@ -66,6 +66,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=tuple(DTYPES), help="input dtype (default: float32)")
     p.add_argument("--min-time", type=float, default=0.3, metavar="SECONDS",
                    help="CPU: minimum run time of each measurement (blocked_autorange; default: 0.3)")
+    p.add_argument("--single-call", action="store_true",
+                   help="one timed call per row after the peak-memory call (no warm-up, no autorange): for "
+                        "full-scale rows that take seconds per call, e.g. relation_head at sgdet on a CPU")
     p.add_argument("--threads", type=int, default=None, help="CPU: torch.set_num_threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0, help="seed of the inputs and cotangents (default: 0)")
     p.add_argument("--out", default=None, metavar="PATH",
@@ -187,7 +190,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             peaks = floors_mod.measure_peaks(device, tuple(floors_mod.GEMM_DTYPES) + (args.dtype,), log=log)
         runner.run(cases, sizes, impls, passes, device=device, dtype=dtype, seed=args.seed,
                    min_time=args.min_time, backend=args.backend, progress=progress, log=log, results=results,
-                   floors=floors)
+                   floors=floors, single_call=args.single_call)
     except KeyboardInterrupt:  # show what was measured so far; write no file
         interrupted = True
         runner.add_speedups(results)
@@ -198,7 +201,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     wall_s = time.perf_counter() - start
 
     # -- report --------------------------------------------------------------------------------
-    how = report.methods(device, args.min_time)
+    how = report.methods(device, args.min_time, args.single_call)
     compile_s = sum(r.first_call_s or 0.0 for r in results if r.impl == "compile")
     name = report.device_name(device)
     footer = [
@@ -221,7 +224,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         path = args.out or DEFAULT_OUT.format(device=name)
         extra = {
             "timer": how["timer"], "memory": how["memory"],
-            "min_time_s": args.min_time if device.type == "cpu" else None,
+            "min_time_s": args.min_time if device.type == "cpu" and not args.single_call else None,
+            "single_call": args.single_call,
             "forced_backend": args.backend, "seed": args.seed, "sizes": _sizes_json(cases, sizes),
             "wall_s": round(wall_s, 1), "load_average_at_start": None if load is None else round(load, 2),
         }

@@ -380,6 +380,7 @@ def _mask_kernel_size() -> int:
 
 
 @_case("pair_mask_conv")
+@_case("pair_mask_conv_per_object")  # params [K, 3]: per_object below
 def _pair_mask_conv(x) -> Floor:
     masks, pairs, params = x["masks"], x["pairs"], x["params"]
     K, C, m, _ = masks.shape
@@ -557,8 +558,10 @@ DATASHEETS = {
 UNITS = {
     "knn_center_features": "fma", "cosine_assign": "tc", "cluster_aggregate": "tc", "superpixel_cluster": "tc",
     "cluster_dispatch": "fma", "sil_block": "fma", "pair_mask_conv": "fma", "pair_mask_conv_union": "fma",
+    "pair_mask_conv_per_object": "fma",
     "union_boxes": "fma", "pair_geometry": "fma", "roi_align": "fma", "union_roi_align": "fma",
     "pairwise_edge_fusion": "tc", "prototype_distance": "tc",
+    "relation_head": "fma",  # torch convs / Linears (no TF32 by default) dominate; its pair step is a fusion
 }
 
 

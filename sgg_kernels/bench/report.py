@@ -122,7 +122,7 @@ def environment(device: torch.device) -> Dict:
     return env
 
 
-def methods(device: torch.device, min_time: float) -> Dict[str, str]:
+def methods(device: torch.device, min_time: float, single_call: bool = False) -> Dict[str, str]:
     """How time and memory were measured (for the JSON and the table footer)."""
     if device.type == "cuda":
         timer = "median of triton.testing.do_bench(fn, return_mode='median'): CUDA events, L2 flushed between calls"
@@ -132,6 +132,9 @@ def methods(device: torch.device, min_time: float) -> Dict[str, str]:
                  f"num_threads={torch.get_num_threads()}")
         memory = ("peak of the running sum of the PyTorch profiler's [memory] allocator events "
                   "(profile_memory=True) over one separate, untimed call")
+    if single_call:
+        timer = ("ONE timed call per row (time.perf_counter around it, synchronised), after the peak-memory "
+                 f"call, which warms up; not a median (--single-call); num_threads={torch.get_num_threads()}")
     return {"timer": timer, "memory": memory + "; MB = 2**20 bytes, beyond the inputs (outputs, saved tensors, temporaries, gradients)"}
 
 

@@ -160,8 +160,21 @@ def summarize(exc: BaseException, limit: int = 200) -> str:
     return msg if len(msg) <= limit else msg[: limit - 3] + "..."
 
 
-def measure(step: Callable[[], None], device: torch.device, min_time: float, warmup_iters: int = 2) -> Dict:
-    """First (cold) call, warm-up, peak memory of one call, then the median time."""
+def measure(step: Callable[[], None], device: torch.device, min_time: float, warmup_iters: int = 2,
+            single_call: bool = False) -> Dict:
+    """First (cold) call, warm-up, peak memory of one call, then the median time.
+
+    ``single_call``: the peak-memory call (which also warms up), then ONE timed call, reported as
+    the median: for full-scale rows whose single call takes seconds to minutes on a CPU (the
+    default makes ~6 calls per row). No cold-call time is reported.
+    """
+    if single_call:
+        peak = timing.peak_memory_mb(step, device)
+        timing.synchronize(device)
+        t0 = time.perf_counter()
+        step()
+        timing.synchronize(device)
+        return {"median_ms": (time.perf_counter() - t0) * 1e3, "peak_mem_mb": peak, "first_call_s": None}
     t0 = time.perf_counter()
     step()
     timing.synchronize(device)
@@ -192,6 +205,7 @@ def run(
     log: Callable[[str], None] = print,
     results: Optional[List[Result]] = None,
     floors: Optional[Dict[Tuple[str, str], Any]] = None,
+    single_call: bool = False,
 ) -> List[Result]:
     """Measure every (case, size, impl, pass); errors become rows, they never stop the run.
 
@@ -202,7 +216,7 @@ def run(
     ``results`` (a new list if None) as they are measured, so a caller keeps them on Ctrl-C.
     Each row gets its case's floor for its pass (:mod:`.floors`, from the inputs, outside any timed
     region); ``floors``, if given, is filled with ``(op, size) -> Floor``. A floor that cannot be
-    computed is logged and left None; it never stops the run.
+    computed is logged and left None; it never stops the run. ``single_call``: see :func:`measure`.
     """
     if results is None:
         results = []
@@ -253,7 +267,7 @@ def run(
                             step = on_backend(step, backend)  # the backward ops too
                         if impl == "fused-nochecks":
                             step = without_checks(step)  # the backward ops too
-                        results.append(row(impl, pass_, **measure(step, device, min_time)))
+                        results.append(row(impl, pass_, **measure(step, device, min_time, single_call=single_call)))
                     except Exception as exc:
                         msg = summarize(exc)
                         log(f"{case.name} [{size}] {pass_} {impl}: {msg}")

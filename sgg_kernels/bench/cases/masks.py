@@ -9,14 +9,17 @@ Gaussian parameters per pair and role ``[P, 2, 3]`` (the authors' released code)
 name     B     K    P      C    m x m    d   (R for the union frame)
 =======  ====  ===  =====  ===  =======  ==  =========================
 small    2     8    16     3    28 x 28  7   28
+c16      2     40   128    16   28 x 28  7   28 (few classes: where per-pair work dominates)
 mid      2     40   96     150  28 x 28  7   28 (CPU default)
 paper    4     100  256    150  28 x 28  7   28
 sgdet    4     320  2048   150  28 x 28  7   28
 =======  ====  ===  =====  ===  =======  ==  =========================
 
-Two cases: ``pair_mask_conv`` in the objects' own frames (the released code) and
+Three cases: ``pair_mask_conv`` in the objects' own frames (the released code),
 ``pair_mask_conv_union``, the same op with ``boxes`` and ``out_size = 28`` (both smoothed masks
-resampled into the pair's union box; the paper's text).
+resampled into the pair's union box; the paper's text), and ``pair_mask_conv_per_object``: one
+Gaussian per object (``params [K, 3]``, kernels ``[K, d, d]``, each object's masks smoothed once
+whatever its pairs), own frames.
 
 The eager baseline is the released code's way: gather both masks of every pair, one grouped
 ``F.conv2d`` with a group per pair, role and class channel, then the product
@@ -56,6 +59,7 @@ class MaskSize:
 
 SIZES: Dict[str, MaskSize] = {
     "small": MaskSize(B=2, K=8, P=16, C=3),
+    "c16": MaskSize(B=2, K=40, P=128, C=16),
     "mid": MaskSize(B=2, K=40, P=96, C=150),
     "paper": MaskSize(B=4, K=100, P=256, C=150),
     "sgdet": MaskSize(B=4, K=320, P=2048, C=150),
@@ -76,6 +80,13 @@ def _inputs(size: str, device: torch.device, dtype: torch.dtype, seed: int) -> I
         "params": (torch.randn(s.P, 2, 3, generator=g) * 0.5).to(device, dtype),  # sigma around 1 px
         "boxes": torch.cat([xy, xy + wh], dim=1).to(device),
     }
+
+
+def _inputs_per_object(size: str, device: torch.device, dtype: torch.dtype, seed: int) -> Inputs:
+    inputs = _inputs(size, device, dtype, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    inputs["params"] = (torch.randn(SIZES[size].K, 3, generator=g) * 0.5).to(device, dtype)  # one per object
+    return inputs
 
 
 def _describe(size: str) -> str:
@@ -111,6 +122,11 @@ CASES = [
     Case(
         name="pair_mask_conv_union", family="masks", sizes=SIZES, make_inputs=_inputs, fused=_fused_union,
         reference=_eager_union, grad_inputs=("masks", "params"), kernels=KERNELS["pair_mask_conv"],
+        describe=_describe,
+    ),
+    Case(
+        name="pair_mask_conv_per_object", family="masks", sizes=SIZES, make_inputs=_inputs_per_object,
+        fused=_fused, reference=_eager, grad_inputs=("masks", "params"), kernels=KERNELS["pair_mask_conv"],
         describe=_describe,
     ),
 ]
