@@ -128,3 +128,43 @@ def run_with_grads(backend: str, fn: Callable, args: Sequence, seed: int = 0, ro
                 for o in float_outs]
         grads = torch.autograd.grad(float_outs, leaves, cots, allow_unused=True) if leaves and float_outs else ()
     return outs, grads
+
+
+class BoxList:
+    """A stand-in for maskrcnn_benchmark's BoxList, the part sgg_kernels.integrations.sgb reads
+    (bbox, size, mode, fields, len, convert). ``bbox`` becomes float32 as in SGB's constructor;
+    ``dtype=None`` keeps the given tensor's dtype (float64 gradient tests)."""
+
+    def __init__(self, bbox, image_size, mode="xyxy", dtype=torch.float32):
+        bbox = torch.as_tensor(bbox, dtype=dtype) if dtype is not None else torch.as_tensor(bbox)
+        self.bbox = bbox.reshape(-1, 4)
+        self.size = image_size  # (width, height)
+        self.mode = mode
+        self.extra_fields = {}
+
+    def add_field(self, name, value):
+        self.extra_fields[name] = value
+
+    def get_field(self, name):
+        return self.extra_fields[name]
+
+    def has_field(self, name):
+        return name in self.extra_fields
+
+    def fields(self):
+        return list(self.extra_fields)
+
+    def __len__(self):
+        return self.bbox.shape[0]
+
+    def convert(self, mode):
+        if mode == self.mode:
+            return self
+        x1, y1, a, b = self.bbox.unbind(1)
+        if mode == "xywh":  # SGB's TO_REMOVE = 1 convention
+            out = torch.stack((x1, y1, a - x1 + 1, b - y1 + 1), 1)
+        else:
+            out = torch.stack((x1, y1, x1 + (a - 1).clamp(min=0), y1 + (b - 1).clamp(min=0)), 1)
+        new = BoxList(out, self.size, mode, dtype=None)
+        new.extra_fields = dict(self.extra_fields)
+        return new

@@ -2,41 +2,9 @@
 import pytest
 import torch
 
+from helpers import BoxList  # the BoxList stand-in
+
 from sgg_kernels.integrations import sgb
-
-
-class BoxList:
-    """The part of maskrcnn_benchmark's BoxList the adapters read (bbox, size, mode, fields, len, convert)."""
-
-    def __init__(self, bbox, image_size, mode="xyxy"):
-        self.bbox = torch.as_tensor(bbox, dtype=torch.float32).reshape(-1, 4)
-        self.size = image_size  # (width, height)
-        self.mode = mode
-        self.extra_fields = {}
-
-    def add_field(self, name, value):
-        self.extra_fields[name] = value
-
-    def get_field(self, name):
-        return self.extra_fields[name]
-
-    def fields(self):
-        return list(self.extra_fields)
-
-    def __len__(self):
-        return self.bbox.shape[0]
-
-    def convert(self, mode):
-        if mode == self.mode:
-            return self
-        x1, y1, a, b = self.bbox.unbind(1)
-        if mode == "xywh":  # SGB's TO_REMOVE = 1 convention
-            out = torch.stack((x1, y1, a - x1 + 1, b - y1 + 1), 1)
-        else:
-            out = torch.stack((x1, y1, x1 + (a - 1).clamp(min=0), y1 + (b - 1).clamp(min=0)), 1)
-        new = BoxList(out, self.size, mode)
-        new.extra_fields = dict(self.extra_fields)
-        return new
 
 
 def _images():

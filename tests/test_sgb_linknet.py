@@ -17,28 +17,15 @@ from sgg_kernels.integrations._sgb_linknet import LinkNetPredictor
 from sgg_kernels.models import LinkNetHead
 from test_linknet import _rem_loop  # the per-image Eq. 1-3 oracle
 
+import helpers
+
 C_OBJ, C_REL, ROI, UNION = 7, 5, 10, 16
 F64 = torch.float64
 
 
-class BoxList:
-    """The part of maskrcnn_benchmark's BoxList a predictor reads."""
-
-    def __init__(self, bbox, image_size, mode="xyxy"):
-        self.bbox = torch.as_tensor(bbox).reshape(-1, 4)
-        self.size, self.mode, self.extra_fields = image_size, mode, {}
-
-    def add_field(self, name, value):
-        self.extra_fields[name] = value
-
-    def get_field(self, name):
-        return self.extra_fields[name]
-
-    def has_field(self, name):
-        return name in self.extra_fields
-
-    def __len__(self):
-        return self.bbox.shape[0]
+def BoxList(bbox, image_size, mode="xyxy"):
+    """helpers.BoxList keeping the boxes' dtype (float64 here)."""
+    return helpers.BoxList(bbox, image_size, mode, dtype=None)
 
 
 def _config(mode="sgcls", pooling=UNION, mlp=UNION, bias=True, vision=True, **linknet):

@@ -9,34 +9,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from helpers import BoxList  # the BoxList stand-in
+
 import sgg_kernels as sk
 from sgg_kernels.integrations.sgb import UnionFeatureExtractor
 
 C, D, R = 8, 32, 7  # in_channels, mlp_head_dim, pooler resolution
 SCALES = (0.25, 0.125, 0.0625, 0.03125)
 RATIO = 2
-
-
-class BoxList:
-    """The part of maskrcnn_benchmark's BoxList these modules read (float32 bbox, as SGB's constructor)."""
-
-    def __init__(self, bbox, image_size, mode="xyxy"):
-        self.bbox = torch.as_tensor(bbox, dtype=torch.float32).reshape(-1, 4)
-        self.size = image_size
-        self.mode = mode
-        self.extra_fields = {}
-
-    def get_field(self, name):
-        return self.extra_fields[name]
-
-    def __len__(self):
-        return self.bbox.shape[0]
-
-    def convert(self, mode):
-        if mode == self.mode:
-            return self
-        x1, y1, x2, y2 = self.bbox.unbind(1)
-        return BoxList(torch.stack((x1, y1, x2 - x1 + 1, y2 - y1 + 1), 1), self.size, mode)
 
 
 def _scene(seed=0):

@@ -25,26 +25,14 @@ from torch import Tensor, nn
 
 from .. import _checks
 from ..models.linknet import GlobalContextEncoding, LinkNetHead
+from ._config import MISSING, config_key
 from ._sgb_motifs import _FrequencyBias  # SGB's FrequencyBias, shared with MotifsPairHead
 
 __all__ = ["LinkNetPredictor"]
 
 GCE_SOURCES = ("roi_mean", "feature_map", "none")
-_MISSING = object()
-
-
-def _cfg(config, path: str, default=_MISSING):
-    """``config.A.B.C`` read by attribute (a yacs CfgNode, a SimpleNamespace tree, ...); ``default``
-    when a key on the path is absent, or a ValueError naming the key when there is no default."""
-    node = config
-    for part in path.split("."):
-        if not hasattr(node, part):
-            if default is _MISSING:
-                raise ValueError(f"LinkNetPredictor needs the config key {path} (Scene-Graph-Benchmark's "
-                                 f"maskrcnn_benchmark/config/defaults.py defines it); the config has no {part!r} there")
-            return default
-        node = getattr(node, part)
-    return node
+def _cfg(config, path: str, default=MISSING):
+    return config_key(config, path, "LinkNetPredictor", default)
 
 
 def _to_onehot(labels: Tensor, num_classes: int, dtype: torch.dtype, fill: float = 1000.0) -> Tensor:

@@ -33,24 +33,12 @@ from .. import _checks
 from .._backend import suspended_value_checks
 from ..ops.batch import pack_pairs
 from ..ops.pairs import pairwise_edge_fusion
+from ._config import config_key
 
 __all__ = ["MotifsPairHead"]
 
-_MISSING = object()
-
-
-def _cfg(config, path: str, default=_MISSING):
-    """``config.A.B.C`` read by attribute (a yacs CfgNode, a SimpleNamespace tree, ...); ``default``
-    when a key on the path is absent, else a ValueError naming the key."""
-    node = config
-    for part in path.split("."):
-        if not hasattr(node, part):
-            if default is _MISSING:
-                raise ValueError(f"MotifsPairHead.from_config needs the config key {path} (Scene-Graph-Benchmark's "
-                                 f"maskrcnn_benchmark/config/defaults.py defines it); the config has no {part!r} there")
-            return default
-        node = getattr(node, part)
-    return node
+def _cfg(config, path: str):
+    return config_key(config, path, "MotifsPairHead.from_config")
 
 
 def _xavier(layer: nn.Linear) -> None:

@@ -38,6 +38,7 @@ from torch.utils.checkpoint import checkpoint
 from .. import _checks
 from .._backend import suspended_value_checks
 from ..ops.pairs import _check_roi_values, _roi_boxes, union_roi_align
+from ._config import config_key
 
 __all__ = ["UnionFeatureExtractor"]
 
@@ -90,13 +91,7 @@ class _FPN2MLP(nn.Module):
 
 
 def _cfg(cfg, path: str):
-    node = cfg
-    for part in path.split("."):
-        if not hasattr(node, part):
-            raise ValueError(f"cfg has no {path} (UnionFeatureExtractor.from_config reads SGB config keys; "
-                             "pass Scene-Graph-Benchmark's cfg, or build the module with keyword arguments)")
-        node = getattr(node, part)
-    return node
+    return config_key(cfg, path, "UnionFeatureExtractor.from_config")
 
 
 def _gn_groups(dim: int, dim_per_gp: int, num_groups: int) -> int:
@@ -458,6 +453,27 @@ class UnionFeatureExtractor(nn.Module):
             bn.running_mean.mul_(1 - f).add_(mean.detach(), alpha=f)
             bn.running_var.mul_(1 - f).add_(m2.detach() / (n - 1), alpha=f)  # unbiased, as BatchNorm2d
 
+    def _head(self, vis: Tensor, rect: Tensor):
+        """fc6 -> fc7 of the pooled union features plus the rect features (SGB's sum), or with
+        separate_spatial (region of the union features alone, spatial_fc of the rect features)."""
+        if self.separate_spatial:
+            return self.feature_extractor.forward_without_pool(vis), self.spatial_fc(rect.flatten(1))
+        return self.feature_extractor.forward_without_pool(vis + rect)
+
+    def _whole_batch_stats(self, bn: nn.BatchNorm2d, chunk_mean_m2, suspend: bool, pairs: Tensor, chunks,
+                           hw: int, *extra) -> Tuple[Tensor, Tensor]:
+        """(mean, biased var) of ``bn``'s input over the whole batch: per-chunk (mean, M2) from
+        ``chunk_mean_m2(chunk pairs, *extra)`` (under checkpoint) combined exactly; the running
+        statistics updated once. Eval mode: the running statistics."""
+        use, update = self._bn_stats(bn)
+        if not use:
+            return bn.running_mean, bn.running_var
+        parts = [self._run(chunk_mean_m2, suspend, pairs[s:e], *extra) for s, e in chunks]
+        mean, m2, n = _chan_combine([p[0] for p in parts], [p[1] for p in parts], [(e - s) * hw * hw for s, e in chunks])
+        if update:
+            self._update_running(bn, mean, m2, n)
+        return mean, m2 / n
+
     def _run(self, fn, suspend: bool, *args):
         """``fn(*args)`` under checkpoint when gradients are on and chunking is on; inside
         suspended value checks when the module checked the values (also during recomputation)."""
@@ -487,54 +503,28 @@ class UnionFeatureExtractor(nn.Module):
         if len(chunks) == 1:  # one chunk: nothing to free before the backward, so no recompute, no pre-pass
             with suspended_value_checks() if suspend else contextlib.nullcontext():
                 rect = self.rect_conv(self._masks(bounds, safe_pairs, dtype))  # BatchNorm2d on the whole batch
-                vis = self._pool(list(levels), boxes, box_batch, pairs, pair_levels)
-                if self.separate_spatial:
-                    return self.feature_extractor.forward_without_pool(vis), self.spatial_fc(rect.flatten(1))
-                return self.feature_extractor.forward_without_pool(vis + rect)
+                return self._head(self._pool(list(levels), boxes, box_batch, pairs, pair_levels), rect)
         bn1, bn2 = self.rect_conv[2], self.rect_conv[6]
         hw1 = (self.rect_size + 1) // 2  # conv 7x7 / 2, padding 3: 4R - 1 -> 2R
         hw2 = self.resolution
 
-        # BN1 statistics over the whole batch of pairs (each chunk recomputed in backward)
-        use1, upd1 = self._bn_stats(bn1)
-        if use1:
-            parts = [self._run(lambda pr: _mean_m2(self._z1(self._masks(bounds, pr, dtype))), suspend,
-                               safe_pairs[s:e]) for s, e in chunks]
-            mean1, m2_1, n1 = _chan_combine([p[0] for p in parts], [p[1] for p in parts],
-                                            [(e - s) * hw1 * hw1 for s, e in chunks])
-            stats1 = (mean1, m2_1 / n1)
-            if upd1:
-                self._update_running(bn1, mean1, m2_1, n1)
-        else:
-            stats1 = (bn1.running_mean, bn1.running_var)
-
-        # BN2 statistics given BN1's
-        use2, upd2 = self._bn_stats(bn2)
-        if use2:
-            parts = [self._run(lambda pr, m, v: _mean_m2(self._z2(self._z1(self._masks(bounds, pr, dtype)), (m, v))),
-                               suspend, safe_pairs[s:e], *stats1) for s, e in chunks]
-            mean2, m2_2, n2 = _chan_combine([p[0] for p in parts], [p[1] for p in parts],
-                                            [(e - s) * hw2 * hw2 for s, e in chunks])
-            stats2 = (mean2, m2_2 / n2)
-            if upd2:
-                self._update_running(bn2, mean2, m2_2, n2)
-        else:
-            stats2 = (bn2.running_mean, bn2.running_var)
+        # BN1 statistics over the whole batch of pairs (each chunk recomputed in backward), then BN2's given BN1's
+        stats1 = self._whole_batch_stats(bn1, lambda pr: _mean_m2(self._z1(self._masks(bounds, pr, dtype))),
+                                         suspend, safe_pairs, chunks, hw1)
+        stats2 = self._whole_batch_stats(
+            bn2, lambda pr, m, v: _mean_m2(self._z2(self._z1(self._masks(bounds, pr, dtype)), (m, v))),
+            suspend, safe_pairs, chunks, hw2, *stats1)
 
         def chunk(pr, pr_safe, lv, m1, v1, m2, v2, *lvls):
             rect = self._bn(self._z2(self._z1(self._masks(bounds, pr_safe, dtype)), (m1, v1)), bn2, m2, v2)
-            vis = self._pool(list(lvls), boxes, box_batch, pr, lv)
-            if self.separate_spatial:
-                region = self.feature_extractor.forward_without_pool(vis)
-                return region, self.spatial_fc(rect.flatten(1))
-            return self.feature_extractor.forward_without_pool(vis + rect)
+            return self._head(self._pool(list(lvls), boxes, box_batch, pr, lv), rect)
 
         outs = [self._run(chunk, suspend, pairs[s:e], safe_pairs[s:e],
                           None if pair_levels is None else pair_levels[s:e], *stats1, *stats2, *levels)
                 for s, e in chunks]
         if self.separate_spatial:
             return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
-        return outs[0] if len(outs) == 1 else torch.cat(outs)
+        return torch.cat(outs)
 
     def extra_repr(self) -> str:
         return (f"in_channels={self.in_channels}, resolution={self.resolution}, scales={self.scales}, "
