@@ -61,6 +61,14 @@ TORCH_LIBRARY(sgg_kernels, m) {
   m.def(
       "_roi_align_backward(Tensor grad, Tensor boxes, Tensor box_batch, Tensor? pairs, int B, int H, int W, "
       "float spatial_scale, int sampling_ratio, bool aligned) -> Tensor");
+  // One tap (dy, dx) of a 3x3 conv over the per-level union-box RoIAlign summed over the levels;
+  // maps channels-last [B, H_l, W_l, C].
+  m.def(
+      "_union_tap_pool(Tensor[] maps, Tensor boxes, Tensor box_batch, Tensor pairs, int pooled, float[] scales, "
+      "int sampling_ratio, bool aligned, int dy, int dx) -> Tensor");
+  m.def(
+      "_union_tap_pool_backward(Tensor grad, Tensor boxes, Tensor box_batch, Tensor pairs, int B, int[] heights, "
+      "int[] widths, float[] scales, int sampling_ratio, bool aligned, int dy, int dx) -> Tensor[]");
   // sum_mode: the sum form g = (subj[s] + obj[o]) * u instead of the product subj[s] * obj[o] * u.
   m.def(
       "_pairwise_edge_fusion(Tensor subj, Tensor obj, Tensor? union_feats, Tensor pairs, Tensor weight, "

@@ -12,6 +12,7 @@ import torch
 from helpers import BoxList  # the BoxList stand-in
 
 import sgg_kernels as sk
+from sgg_kernels.integrations import _union_taps
 from sgg_kernels.integrations.sgb import UnionFeatureExtractor
 
 C, D, R = 8, 32, 7  # in_channels, mlp_head_dim, pooler resolution
@@ -163,10 +164,21 @@ def _compare(m, train, separate_spatial, chunk_size, pooling_all_levels=True, sc
     return m, ref
 
 
+@pytest.fixture(params=["conv", "taps", "taps-generic"])
+def reduce_route(request, monkeypatch):
+    """The routes of reduce_channel in the UnionHead Function: the conv on the pooled union
+    features, or the tap maps (the conv folded into the FPN levels) pooled by the C++ kernels or by
+    the union RoIAlign op (what other devices use); each forced for every image."""
+    monkeypatch.setattr(_union_taps, "use_taps", lambda *a: request.param != "conv")
+    if request.param == "taps-generic":
+        monkeypatch.setattr(_union_taps, "cpp_tap_pool", lambda t: False)
+    return request.param
+
+
 @pytest.mark.parametrize("chunk_size", [1, 3, 10, 64, None])  # P = 10
 @pytest.mark.parametrize("train", [True, False])
 @pytest.mark.parametrize("separate_spatial", [False, True])
-def test_matches_sgb_relation_feature_extractor(chunk_size, train, separate_spatial):
+def test_matches_sgb_relation_feature_extractor(chunk_size, train, separate_spatial, reduce_route):
     m = _module(separate_spatial=separate_spatial)
     before = [b.clone() for b in m.buffers()]
     m, _ = _compare(m, train, separate_spatial, chunk_size)
@@ -322,6 +334,56 @@ def test_no_pairs_gives_empty_and_keeps_statistics():
     assert out.shape == (2, D)
 
 
+@pytest.mark.parametrize("train", [True, False])
+def test_pairs_of_images_interleaved(train, reduce_route):
+    """forward_packed with the two images' pairs interleaved: UnionHead groups them by image and
+    writes each row back in place, so output and gradients are the sorted call's, permuted."""
+    from sgg_kernels.integrations.sgb import boxlists_to_batch
+
+    features, proposals, rel = _scene()
+    batch = boxlists_to_batch(proposals, rel)
+    perm = torch.tensor([6, 0, 7, 1, 2, 8, 9, 3, 4, 5])  # image 1's pairs (6-9) among image 0's
+    grads, outs = [], []
+    for pairs in (batch.pairs, batch.pairs[perm]):
+        m = _module().train(train)
+        m.chunk_size = 2
+        f = [x.clone().requires_grad_() for x in features]
+        out = m.forward_packed(f, batch.boxes, batch.box_batch, pairs, batch.image_sizes)
+        w = torch.randn(out.shape, generator=torch.Generator().manual_seed(3), dtype=out.dtype)
+        (out * (w if not outs else w[perm])).sum().backward()
+        outs.append(out)
+        grads.append([p.grad for p in m.parameters()] + [x.grad for x in f])
+    torch.testing.assert_close(outs[1], outs[0][perm], rtol=1e-10, atol=1e-12)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_no_grad_forward_equals(train, reduce_route):
+    """Under torch.no_grad (SGB's test loop) UnionHead finishes each chunk's rows at once and keeps
+    nothing: the same output as with gradients on."""
+    features, proposals, rel = _scene()
+    m = _module().train(train)
+    m.chunk_size = 3
+    state = copy.deepcopy(m.state_dict())
+    with_grad = m(features, proposals, rel)
+    m.load_state_dict(state)  # the same running statistics before the second call
+    with torch.no_grad():
+        out = m(features, proposals, rel)
+    assert not out.requires_grad and with_grad.requires_grad
+    torch.testing.assert_close(out, with_grad.detach(), rtol=1e-12, atol=1e-13)
+
+
+def test_tap_route_cost_model():
+    """_union_taps.use_taps: at SGB's widths (C = 256, 4 levels of a 592 x 800 input, R = 7) the tap
+    maps pay off from a few hundred pairs per image (SGDet training samples 1,024, testing 6,320);
+    tiny widths never use them."""
+    px = 148 * 200 + 74 * 100 + 37 * 50 + 19 * 25
+    assert not _union_taps.use_taps(64, 256, 4, 7, px)
+    assert _union_taps.use_taps(1024, 256, 4, 7, px)
+    assert not _union_taps.use_taps(10_000, 8, 4, 7, px)
+
+
 def test_bad_inputs():
     features, proposals, rel = _scene()
     m = _module()
@@ -375,7 +437,7 @@ def test_chunked_backward_keeps_less_saved_memory():
         m = _module()
         m.chunk_size = chunk_size
         f = [x.clone().requires_grad_() for x in features]
-        inputs = {x.untyped_storage().data_ptr() for x in f}
+        inputs = {x.untyped_storage().data_ptr() for x in list(f) + list(m.parameters())}
         storages = {}
 
         def pack(t):
@@ -392,5 +454,7 @@ def test_chunked_backward_keeps_less_saved_memory():
 
     chunked, out_bytes = saved_bytes(3)
     unchunked, _ = saved_bytes(None)
-    assert chunked < out_bytes  # less than the [P, D] output itself: nothing per pair and layer is kept
+    # the output and fc6's activation ([P, D] each: UnionHead keeps them so that the backward
+    # recomputes neither fc6 nor fc7), per-channel statistics; nothing else per pair and layer
+    assert chunked < 2 * out_bytes + 16 * C * 8
     assert unchunked > 20 * out_bytes  # the plain path keeps rect, pooled and hidden activations

@@ -56,6 +56,7 @@
 #include <vector>
 
 #include "cluster_common.h"
+#include "isa.h"
 #include "masks_common.h"
 
 namespace sgg_kernels {
@@ -70,6 +71,7 @@ using cluster_cpu::pair_at;
 using masks_common::check_mask_grad;
 using masks_common::check_mask_inputs;
 using masks_common::MaskArgs;
+using simd::simd_dispatch;
 
 namespace {
 
@@ -155,7 +157,7 @@ inline acc_t resample_at(const Tap<acc_t>& ty, const Tap<acc_t>& tx, const acc_t
 // ---------------------------------------------------------------------------------------------
 // Vector loops. The hot loops (the three convolutions) work on blocks of kVec consecutive outputs
 // along x (one 512-bit register of acc_t) with several independent accumulators, and are compiled
-// for the best instruction set this CPU has (simd_dispatch: AVX-512, AVX2 + FMA or the baseline
+// for the best instruction set this CPU has (simd_dispatch of isa.h: AVX-512, AVX2 + FMA or the baseline
 // SSE2 of -march=x86-64); the extension's flags target the baseline only, and at SSE2 width the
 // direct 7 x 7 convolution ran at ~0.4x the reference's oneDNN grouped conv2d. Every variant sums
 // in the same order; the AVX2 / AVX-512 ones may fuse multiply-adds (one rounding fewer), so the
@@ -191,48 +193,6 @@ constexpr int64_t kRows = 8;      // output rows per correlation step: independe
 constexpr int64_t kTapCols = 4;   // kernel columns per kernel-gradient step (x 2 row parities)
 constexpr int64_t kChanBlock = 8; // channels per backward work item with per-pair kernels (fixed: the
                                   // partial sums, hence the bits, do not depend on the thread count)
-
-template <typename F>
-__attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,avx2,fma"), flatten)) void run_avx512(const F& f) {
-  f();
-}
-template <typename F>
-__attribute__((target("avx2,fma"), flatten)) void run_avx2(const F& f) {
-  f();
-}
-template <typename F>
-__attribute__((flatten)) void run_baseline(const F& f) {
-  f();
-}
-
-enum class Isa { kBaseline, kAvx2, kAvx512 };
-inline Isa cpu_isa() {
-  static const Isa isa = [] {
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
-        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl")) {
-      return Isa::kAvx512;
-    }
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
-    return Isa::kBaseline;
-  }();
-  return isa;
-}
-
-// f() with every call inside it inlined and compiled for the CPU's best instruction set.
-template <typename F>
-inline void simd_dispatch(const F& f) {
-  switch (cpu_isa()) {
-    case Isa::kAvx512:
-      run_avx512(f);
-      break;
-    case Isa::kAvx2:
-      run_avx2(f);
-      break;
-    default:
-      run_baseline(f);
-  }
-}
 
 // ---------------------------------------------------------------------------------------------
 // Plane geometry. A padded plane holds an m x m plane at offset (h, h), h = d // 2, zeros around

@@ -16,12 +16,14 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <optional>
 #include <tuple>
 #include <type_traits>
 #include <vector>
 
 #include "cluster_common.h"
+#include "isa.h"
 
 namespace sgg_kernels {
 namespace pairs_cpu {
@@ -33,6 +35,7 @@ using cluster_cpu::in_range;
 using cluster_cpu::nan_max;
 using cluster_cpu::nan_min;
 using cluster_cpu::pair_at;
+using simd::simd_dispatch;
 
 namespace {
 
@@ -676,6 +679,369 @@ at::Tensor roi_align_backward(const at::Tensor& grad_in, const at::Tensor& boxes
 }
 
 // ---------------------------------------------------------------------------------------------
+// union_tap_pool: one tap (dy, dx) of a 3x3 conv (zero padding 1) over the pairs' union-box
+// RoIAlign summed over the FPN levels (the reference's union_tap_pool)
+// ---------------------------------------------------------------------------------------------
+namespace {
+
+// Channels of the forward's narrow blocks (the tail of C below one 1 KiB block of 16 vectors).
+constexpr int64_t kTapLanes = 16;
+// Pairs per forward chunk: the channel-block loop is outside the pair loop within a chunk.
+constexpr int64_t kTapPairChunk = 64;
+
+// The taps of source bin (si, sj) of one RoI at one level: visit(y, x, Ay[si, y] Ax[sj, x]) for the
+// pixels the bin touches, rows then columns in order; none for an empty RoI or a bin outside the
+// pooled grid (the zero padding of the shift).
+template <typename T, typename Visit>
+inline void bin_taps(const RoiWeights<T>& rw, int64_t si, int64_t sj, int64_t pooled, const Visit& visit) {
+  if (rw.empty() || !in_range(si, pooled) || !in_range(sj, pooled)) {
+    return;
+  }
+  const int64_t ny = rw.y.len[si], nx = rw.x.len[sj], y0 = rw.y.lo[si], x0 = rw.x.lo[sj];
+  const T* wy = rw.y.w.data() + rw.y.off[si];
+  const T* wx = rw.x.w.data() + rw.x.off[sj];
+  for (int64_t j = 0; j < ny; ++j) {
+    for (int64_t k = 0; k < nx; ++k) {
+      visit(y0 + j, x0 + k, wy[j] * wx[k]);
+    }
+  }
+}
+
+// One 64-byte vector of T (GCC / Clang vector extensions: one zmm register under AVX-512, two ymm
+// under AVX2, four xmm at the baseline) and its unaligned, may-alias view for loads from the maps.
+template <typename T>
+struct TapVec;
+template <>
+struct TapVec<float> {
+  typedef float type __attribute__((vector_size(64)));
+  typedef float unaligned __attribute__((vector_size(64), aligned(4), may_alias));
+};
+template <>
+struct TapVec<double> {
+  typedef double type __attribute__((vector_size(64)));
+  typedef double unaligned __attribute__((vector_size(64), aligned(8), may_alias));
+};
+
+// a += w src[0 .. lanes of A): A is T (one channel) or TapVec<T>::type (64 bytes of channels).
+template <typename A, typename T>
+inline void madd(A& a, T w, const T* src) {
+  if constexpr (std::is_same_v<A, T>) {
+    a += w * *src;
+  } else {
+    a += w * *reinterpret_cast<const typename TapVec<T>::unaligned*>(src);
+  }
+}
+
+// dst[l * stride] (channel c0 + l, l < kN lanes of A) = sum over the levels, the rows j and columns
+// k of source bin (si, sj) of (Ay_l[j] Ax_l[k]) maps_l[b, y0 + j, x0 + k, c0 + l]. Rows j go to four
+// independent partial sums by j % 4 (covering the FMA latency), summed in a fixed order at the end.
+template <typename A, int kN, typename T>
+inline void bin_sum(const RoiWeights<T>* rws, const T* const* base, const RoiParams* prm, int64_t L, int64_t b,
+                    int64_t C, int64_t c0, int64_t si, int64_t sj, T* dst, int64_t stride) {
+  constexpr int kPer = static_cast<int>(sizeof(A) / sizeof(T));  // channels per A
+  A a0[kN] = {}, a1[kN] = {}, a2[kN] = {}, a3[kN] = {};
+  for (int64_t l = 0; l < L; ++l) {
+    const RoiWeights<T>& rw = rws[l];
+    if (rw.empty()) {
+      continue;
+    }
+    const int64_t W = prm[l].W, ny = rw.y.len[si], nx = rw.x.len[sj];
+    const T* wy = rw.y.w.data() + rw.y.off[si];
+    const T* wx = rw.x.w.data() + rw.x.off[sj];
+    const T* m = base[l] + ((b * prm[l].H + rw.y.lo[si]) * W + rw.x.lo[sj]) * C + c0;
+    auto add_row = [&](A* acc, int64_t j) {
+      const T* row = m + j * W * C;
+      for (int64_t k = 0; k < nx; ++k) {
+        const T w = wy[j] * wx[k];
+        for (int v = 0; v < kN; ++v) {
+          madd(acc[v], w, row + k * C + v * kPer);
+        }
+      }
+    };
+    if constexpr (kN >= 8) {  // enough independent accumulators already: one partial sum
+      for (int64_t j = 0; j < ny; ++j) {
+        add_row(a0, j);
+      }
+      continue;
+    }
+    for (int64_t j = 0; j < ny; j += 4) {
+      add_row(a0, j);
+      if (j + 1 < ny) {
+        add_row(a1, j + 1);
+      }
+      if (j + 2 < ny) {
+        add_row(a2, j + 2);
+      }
+      if (j + 3 < ny) {
+        add_row(a3, j + 3);
+      }
+    }
+  }
+  for (int v = 0; v < kN; ++v) {
+    const A sum = (a0[v] + a1[v]) + (a2[v] + a3[v]);
+    T lanes[kPer];
+    std::memcpy(lanes, &sum, sizeof(A));
+    for (int i = 0; i < kPer; ++i) {
+      dst[(v * kPer + i) * stride] = lanes[i];
+    }
+  }
+}
+
+// y[c] += a x[c] for c < kN 64-byte vectors of T.
+template <int kN, typename T>
+inline void axpy_block(T a, const T* x, T* y) {
+  using U = typename TapVec<T>::unaligned;
+  constexpr int kPer = static_cast<int>(64 / sizeof(T));
+  for (int v = 0; v < kN; ++v) {
+    *reinterpret_cast<U*>(y + v * kPer) += a * *reinterpret_cast<const U*>(x + v * kPer);
+  }
+}
+
+// y[c] += a x[c] for c < n.
+template <typename T>
+inline void axpy(int64_t n, T a, const T* __restrict x, T* __restrict y) {
+  for (int64_t c = 0; c < n; ++c) {
+    y[c] += a * x[c];
+  }
+}
+
+void check_tap_dtype(const char* op, at::ScalarType dt) {
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble, op, ": only float32 and float64 are supported, got ", dt);
+}
+
+void check_tap_levels(const char* op, size_t L, size_t n, const char* what) {
+  TORCH_CHECK(n == L, op, ": ", what, " must have one entry per level (", L, "), got ", n);
+}
+
+}  // namespace
+
+// out[p, :, i, j] = sum_l RoIAlign_l(union box p, scales[l])[:, i + dy, j + dx] (0 where that bin
+// is outside the grid), [P, C, pooled, pooled]; maps[l] channels-last [B, H_l, W_l, C]. Parallel over
+// chunks of kTapPairChunk pairs; per pair the L RoiWeights once, then per block of channels (16
+// 64-byte vectors, 256 floats / 128 doubles, held in registers; the tail in kTapLanes blocks, then
+// single channels), per pair and bin, acc = sum over the levels and the bin's taps of
+// Ay_l[y] Ax_l[x] maps_l[b, y, x, block] (bin_sum), written to out[p, block, i, j].
+at::Tensor union_tap_pool(at::TensorList maps, const at::Tensor& boxes_in, const at::Tensor& box_batch_in,
+                          const at::Tensor& pairs_in, int64_t pooled, at::ArrayRef<double> scales,
+                          int64_t sampling_ratio, bool aligned, int64_t dy, int64_t dx) {
+  const char* op = "union_tap_pool";
+  TORCH_CHECK(!maps.empty(), op, ": maps must hold at least one level");
+  const int64_t L = static_cast<int64_t>(maps.size());
+  check_tap_levels(op, L, scales.size(), "scales");
+  check_roi_args(op, boxes_in, box_batch_in, pairs_in, pooled, pooled);
+  const at::ScalarType dt = maps[0].scalar_type();
+  check_tap_dtype(op, dt);
+  TORCH_CHECK(maps[0].dim() == 4, op, ": maps[0] must be channels-last [B, H, W, C], got ", maps[0].sizes());
+  const int64_t B = maps[0].size(0), C = maps[0].size(3);
+  for (int64_t l = 0; l < L; ++l) {
+    const at::Tensor& m = maps[l];
+    TORCH_CHECK(m.dim() == 4 && m.size(0) == B && m.size(3) == C, op, ": maps[", l, "] must be [B, H, W, C] with B = ",
+                B, ", C = ", C, " (as maps[0]), got ", m.sizes());
+    TORCH_CHECK(m.scalar_type() == dt, op, ": maps[", l, "] is ", m.scalar_type(), " but maps[0] is ", dt);
+    TORCH_CHECK(m.is_contiguous(), op, ": maps[", l, "] must be a contiguous channels-last [B, H, W, C] tensor ",
+                "(x.permute(0, 2, 3, 1).contiguous() of a [B, C, H, W] map), got strides ", m.strides());
+  }
+  const int64_t K = boxes_in.size(0), P = pairs_in.size(0), bins = pooled * pooled;
+  at::Tensor out = at::empty({P, C, pooled, pooled}, maps[0].options());
+  if (out.numel() == 0) {
+    return out;
+  }
+  const at::Tensor box_batch = box_batch_in.contiguous(), pairs = pairs_in.contiguous();
+  std::vector<RoiParams> prm(L);
+  for (int64_t l = 0; l < L; ++l) {
+    prm[l] = {B, maps[l].size(1), maps[l].size(2), pooled, pooled, sampling_ratio, scales[l], aligned};
+  }
+  AT_DISPATCH_FLOATING_TYPES(dt, "union_tap_pool", [&] {
+    using T = scalar_t;
+    const at::Tensor boxes = boxes_in.to(dt).contiguous();
+    const T* bx = boxes.const_data_ptr<T>();
+    const int64_t* bb = box_batch.const_data_ptr<int64_t>();
+    const int64_t* pr = pairs.const_data_ptr<int64_t>();
+    std::vector<const T*> base(L);
+    for (int64_t l = 0; l < L; ++l) {
+      base[l] = maps[l].const_data_ptr<T>();
+    }
+    T* dst = out.mutable_data_ptr<T>();
+    using V = typename TapVec<T>::type;
+    constexpr int kFwdVecs = 16, kTapVecs = static_cast<int>(kTapLanes * sizeof(T) / sizeof(V));
+    constexpr int64_t kFwdLanes = kFwdVecs * static_cast<int64_t>(sizeof(V) / sizeof(T));
+    const int64_t chunks = (P + kTapPairChunk - 1) / kTapPairChunk;
+    at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+      std::vector<RoiWeights<T>> rws(kTapPairChunk * L);  // pair i of the chunk, level l: rws[i * L + l]
+      for (int64_t chunk = begin; chunk < end; ++chunk) {
+        const int64_t p0 = chunk * kTapPairChunk, n = std::min(kTapPairChunk, P - p0);
+        for (int64_t i = 0; i < n; ++i) {
+          for (int64_t l = 0; l < L; ++l) {
+            roi_weights(p0 + i, bx, bb, pr, K, prm[l], rws[i * L + l]);
+          }
+          if (rws[i * L].batch < 0) {  // the same at every level (one B)
+            T* o = dst + (p0 + i) * C * bins;
+            std::fill(o, o + C * bins, T(0));
+          }
+        }
+        simd_dispatch([&] {
+          for (int64_t c0 = 0, cw = 0; c0 < C; c0 += cw) {
+            cw = C - c0 >= kFwdLanes ? kFwdLanes : std::min(kTapLanes, C - c0);
+            for (int64_t i = 0; i < n; ++i) {
+              const RoiWeights<T>* rw = rws.data() + i * L;
+              const int64_t b = rw[0].batch;
+              if (b < 0) {
+                continue;
+              }
+              T* o = dst + ((p0 + i) * C + c0) * bins;
+              for (int64_t q = 0; q < bins; ++q) {
+                const int64_t si = q / pooled + dy, sj = q % pooled + dx;
+                if (!in_range(si, pooled) || !in_range(sj, pooled)) {
+                  for (int64_t c = 0; c < cw; ++c) {
+                    o[c * bins + q] = T(0);
+                  }
+                } else if (cw == kFwdLanes) {
+                  bin_sum<V, kFwdVecs>(rw, base.data(), prm.data(), L, b, C, c0, si, sj, o + q, bins);
+                } else if (cw == kTapLanes) {
+                  bin_sum<V, kTapVecs>(rw, base.data(), prm.data(), L, b, C, c0, si, sj, o + q, bins);
+                } else {
+                  for (int64_t c = 0; c < cw; ++c) {
+                    bin_sum<T, 1>(rw, base.data(), prm.data(), L, b, C, c0 + c, si, sj, o + c * bins + q, bins);
+                  }
+                }
+              }
+            }
+          }
+        });
+      }
+    });
+  });
+  return out;
+}
+
+// d maps of union_tap_pool, channels-last [B, heights[l], widths[l], C] per level:
+//   d maps_l[b, y, x, :] = sum_{p in b} sum_{(i, j): (i + dy, j + dx) in the grid}
+//                          Ay_l[p][i + dy, y] Ax_l[p][j + dx, x] grad[p, :, i, j].
+// Deterministic without atomics: parallel over (level, image, block of 8 64-byte vectors of channels);
+// each task owns d maps_l[b, :, :, block] and adds the pairs of image b in index order, each pair's
+// grad block first transposed to [bins, block] so that every tap is a contiguous axpy.
+std::vector<at::Tensor> union_tap_pool_backward(const at::Tensor& grad_in, const at::Tensor& boxes_in,
+                                                const at::Tensor& box_batch_in, const at::Tensor& pairs_in, int64_t B,
+                                                at::IntArrayRef heights, at::IntArrayRef widths,
+                                                at::ArrayRef<double> scales, int64_t sampling_ratio, bool aligned,
+                                                int64_t dy, int64_t dx) {
+  const char* op = "union_tap_pool_backward";
+  const int64_t L = static_cast<int64_t>(heights.size());
+  TORCH_CHECK(L > 0, op, ": heights must hold at least one level");
+  check_tap_levels(op, L, widths.size(), "widths");
+  check_tap_levels(op, L, scales.size(), "scales");
+  check_tap_dtype(op, grad_in.scalar_type());
+  check_pairs(op, pairs_in);
+  const int64_t P = pairs_in.size(0);
+  TORCH_CHECK(grad_in.dim() == 4 && grad_in.size(0) == P && grad_in.size(2) > 0 && grad_in.size(2) == grad_in.size(3),
+              op, ": grad must be [P, C, pooled, pooled] with P = ", P, " (the pairs) and pooled > 0, got ",
+              grad_in.sizes());
+  const int64_t C = grad_in.size(1), pooled = grad_in.size(2), bins = pooled * pooled;
+  check_roi_args(op, boxes_in, box_batch_in, pairs_in, pooled, pooled);
+  TORCH_CHECK(B >= 0, op, ": B must be >= 0, got ", B);
+  for (int64_t l = 0; l < L; ++l) {
+    TORCH_CHECK(heights[l] >= 0 && widths[l] >= 0, op, ": heights and widths must be >= 0, got ", heights, ", ",
+                widths);
+  }
+  const at::ScalarType dt = grad_in.scalar_type();
+  std::vector<at::Tensor> out(L);
+  std::vector<RoiParams> prm(L);
+  for (int64_t l = 0; l < L; ++l) {
+    out[l] = at::zeros({B, heights[l], widths[l], C}, grad_in.options());
+    prm[l] = {B, heights[l], widths[l], pooled, pooled, sampling_ratio, scales[l], aligned};
+  }
+  if (P == 0 || B == 0 || C == 0) {
+    return out;
+  }
+  const at::Tensor grad = grad_in.contiguous(), box_batch = box_batch_in.contiguous();
+  const at::Tensor pairs = pairs_in.contiguous();
+  const int64_t K = boxes_in.size(0);
+  AT_DISPATCH_FLOATING_TYPES(dt, "union_tap_pool_backward", [&] {
+    using T = scalar_t;
+    const at::Tensor boxes = boxes_in.to(dt).contiguous();
+    const T* bx = boxes.const_data_ptr<T>();
+    const int64_t* bb = box_batch.const_data_ptr<int64_t>();
+    const int64_t* pr = pairs.const_data_ptr<int64_t>();
+    // rois[l * P + p]: pair p's weights at level l.
+    std::vector<RoiWeights<T>> rois(L * P);
+    at::parallel_for(0, P, grain_for(64 * L * pooled), [&](int64_t begin, int64_t end) {
+      for (int64_t p = begin; p < end; ++p) {
+        for (int64_t l = 0; l < L; ++l) {
+          roi_weights(p, bx, bb, pr, K, prm[l], rois[l * P + p]);
+        }
+      }
+    });
+    // The valid pairs of each image, in index order: order[start[b] .. start[b + 1]).
+    std::vector<int64_t> start(B + 1, 0), order;
+    for (int64_t p = 0; p < P; ++p) {
+      if (rois[p].batch >= 0) {
+        ++start[rois[p].batch + 1];
+      }
+    }
+    for (int64_t b = 0; b < B; ++b) {
+      start[b + 1] += start[b];
+    }
+    order.resize(start[B]);
+    {
+      std::vector<int64_t> fill(start.begin(), start.end() - 1);
+      for (int64_t p = 0; p < P; ++p) {
+        if (rois[p].batch >= 0) {
+          order[fill[rois[p].batch]++] = p;
+        }
+      }
+    }
+    const T* g = grad.const_data_ptr<T>();
+    constexpr int kBwdVecs = 8;  // channels per task: 8 64-byte vectors (128 floats, 64 doubles)
+    constexpr int64_t kBwdLanes = kBwdVecs * static_cast<int64_t>(64 / sizeof(T));
+    const int64_t blocks = (C + kBwdLanes - 1) / kBwdLanes;
+    at::parallel_for(0, L * B * blocks, 1, [&](int64_t begin, int64_t end) {
+      std::vector<T> gt(bins * kBwdLanes);
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t l = task / (B * blocks), b = task / blocks % B, c0 = task % blocks * kBwdLanes;
+        const int64_t cw = std::min(kBwdLanes, C - c0), H = prm[l].H, W = prm[l].W;
+        T* dm = out[l].mutable_data_ptr<T>() + b * H * W * C + c0;
+        // The pairs of image b in order; width: cw (kBwdLanes for full blocks: vector axpys).
+        auto add_pairs = [&](int64_t width) {
+          for (int64_t k = start[b]; k < start[b + 1]; ++k) {
+            const int64_t p = order[k];
+            const RoiWeights<T>& rw = rois[l * P + p];
+            if (rw.empty()) {
+              continue;
+            }
+            const T* gp = g + (p * C + c0) * bins;  // grad[p, c0 + c, q] -> gt[q, c]
+            for (int64_t c = 0; c < width; ++c) {
+              for (int64_t q = 0; q < bins; ++q) {
+                gt[q * width + c] = gp[c * bins + q];
+              }
+            }
+            for (int64_t q = 0; q < bins; ++q) {
+              const T* gq = gt.data() + q * width;
+              bin_taps(rw, q / pooled + dy, q % pooled + dx, pooled,
+                       [&](int64_t y, int64_t x, T wt) {
+                         T* d = dm + (y * W + x) * C;
+                         if (width == kBwdLanes) {
+                           axpy_block<kBwdVecs>(wt, gq, d);
+                         } else {
+                           axpy(width, wt, gq, d);
+                         }
+                       });
+            }
+          }
+        };
+        simd_dispatch([&] {
+          if (cw == kBwdLanes) {
+            add_pairs(kBwdLanes);
+          } else {
+            add_pairs(cw);
+          }
+        });
+      }
+    });
+  });
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
 // pairwise_edge_fusion (Eq. 12-14)
 // ---------------------------------------------------------------------------------------------
 namespace {
@@ -993,6 +1359,8 @@ TORCH_LIBRARY_IMPL(sgg_kernels, CPU, m) {
   m.impl("_pair_geometry_backward", &pairs_cpu::pair_geometry_backward);
   m.impl("_roi_align", &pairs_cpu::roi_align);
   m.impl("_roi_align_backward", &pairs_cpu::roi_align_backward);
+  m.impl("_union_tap_pool", &pairs_cpu::union_tap_pool);
+  m.impl("_union_tap_pool_backward", &pairs_cpu::union_tap_pool_backward);
   m.impl("_pairwise_edge_fusion", &pairs_cpu::pairwise_edge_fusion);
   m.impl("_pairwise_edge_fusion_backward", &pairs_cpu::pairwise_edge_fusion_backward);
 }

@@ -38,6 +38,7 @@ from torch.utils.checkpoint import checkpoint
 from .. import _checks
 from .._backend import suspended_value_checks
 from ..ops.pairs import _check_roi_values, _roi_boxes, union_roi_align
+from . import _union_taps as _taps
 from ._config import config_key
 
 __all__ = ["UnionFeatureExtractor"]
@@ -162,20 +163,36 @@ class UnionFeatureExtractor(nn.Module):
             SGB: 3,153 MB); about 0.4 GB of it is fc6/fc7's weight gradients, each chunk's added
             into the total.
 
-    Memory and cost. Each chunk's pooling -> reduce_channel -> rect branch -> sum -> fc6 -> fc7 runs
-    under ``torch.utils.checkpoint`` (non-reentrant): between forward and backward only the output
-    [P, D], each box's rectangle bounds ([K, 4] int64), per-chunk BN statistics ([C] per chunk) and
-    the chunk inputs (references to the feature maps, the chunk's pairs) are kept, so peak memory is
-    the output plus one chunk's activations, whatever P. The backward recomputes each chunk's
-    forward once (the usual checkpoint price: one more forward of the head, ~+33 % FLOPs over
-    forward + backward). In training mode the two BatchNorms need whole-batch statistics first, so
-    the rect branch runs more often: conv1 (7x7/2, 2 -> C/2 channels, 27 x 27 -> 14 x 14) 3 times in
-    the forward instead of once, conv2 (3x3, C/2 -> C at 7 x 7) twice instead of once, and as often
-    again in the recomputation, each with its backward. At C = 256, R = 7, D = 4096 the rect branch
-    is ~17 MMAC per pair (conv1 2.5, conv2 14.5) against ~184 MMAC for reduce_channel (116) + fc6 (51)
-    + fc7 (17), so the statistics pre-passes add ~19 MMAC per pair, ~10 % of the head's forward
-    FLOPs, and about the same share of its backward. In eval mode the running statistics are used
-    and there is no pre-pass.
+    Memory and cost. SGB's default configuration (``pooling_all_levels`` with several levels, no
+    ``separate_spatial``, Linear fc6 / fc7) runs as one autograd Function,
+    :class:`._union_taps.UnionHead`: the pairs are grouped by image (at most ``4 * chunk_size`` per
+    group); per group the union features go through reduce_channel, then per chunk of
+    ``chunk_size`` pairs the rect branch, the sum and fc6; fc7 runs on all [P, D] rows. Between
+    forward and backward it keeps fc6's activation and the output ([P, D] each) and per-channel BN
+    statistics, nothing per pair and layer. The backward recomputes reduce_channel and the rect
+    branch per chunk, not fc6 / fc7; it adds each chunk's fc6 weight gradient into one buffer
+    (``addmm_``), so the weight gradients exist once. reduce_channel takes one of two exact routes
+    per group, whichever a FLOP model (``_union_taps.use_taps``) says is cheaper:
+
+    - the 3x3 conv on the concatenated pooled levels, as SGB (few pairs per image);
+    - the conv folded into the levels: RoIAlign is linear and the same for every channel, so each
+      tap's channel mixing commutes with it; the image's levels are projected once per tap
+      (9 x 1x1 convs) and the union boxes pooled from those maps, shifted by the tap and summed
+      (C++ CPU kernel ``_union_tap_pool``; elsewhere the union RoIAlign op). At SGB's widths this
+      costs ~46 GFLOP per image plus 9 pooled passes instead of 231 MFLOP per pair, and pays off from
+      a few hundred pairs per image (SGDet trains on 1,024, tests on 6,320).
+
+    Other configurations (one level, LevelMapper pooling, separate_spatial, GroupNorm fc) run each
+    chunk under ``torch.utils.checkpoint`` (non-reentrant), keeping the output [P, D] and the chunk
+    inputs, and recompute each chunk's forward once in the backward.
+
+    In training mode the two BatchNorms need whole-batch statistics first, so the rect branch runs
+    more often: conv1 (7x7/2, 2 -> C/2 channels, 27 x 27 -> 14 x 14) 3 times in the forward instead
+    of once, conv2 (3x3, C/2 -> C at 7 x 7) twice instead of once, and as often again in the
+    recomputation, each with its backward. At C = 256, R = 7 the rect branch is ~17 MMAC per pair
+    (conv1 2.5, conv2 14.5), so the statistics passes add ~19 MMAC per pair against ~184 MMAC for the
+    conv form of reduce_channel (116) + fc6 (51) + fc7 (17). In eval mode the running statistics are
+    used and there is no statistics pass.
 
     BatchNorm (training mode): mean_1, var_1 of BN1's input summed over chunks (each chunk under
     checkpoint), then mean_2, var_2 of BN2's input given BN1's statistics, then the main chunked pass
@@ -515,6 +532,9 @@ class UnionFeatureExtractor(nn.Module):
             bn2, lambda pr, m, v: _mean_m2(self._z2(self._z1(self._masks(bounds, pr, dtype)), (m, v))),
             suspend, safe_pairs, chunks, hw2, *stats1)
 
+        if self._folded_path(levels):
+            return self._union_head(levels, boxes, box_batch, pairs, safe_pairs, bounds, stats1, stats2, suspend)
+
         def chunk(pr, pr_safe, lv, m1, v1, m2, v2, *lvls):
             rect = self._bn(self._z2(self._z1(self._masks(bounds, pr_safe, dtype)), (m1, v1)), bn2, m2, v2)
             return self._head(self._pool(list(lvls), boxes, box_batch, pr, lv), rect)
@@ -525,6 +545,38 @@ class UnionFeatureExtractor(nn.Module):
         if self.separate_spatial:
             return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
         return torch.cat(outs)
+
+    def _folded_path(self, levels) -> bool:
+        """SGB's default configuration (all levels pooled and reduced, region + rect summed, Linear
+        fc6 / fc7) runs as one :class:`._union_taps.UnionHead` Function instead of per-chunk checkpoints."""
+        fe = self.feature_extractor
+        return (self.pooling_all_levels and len(levels) > 1 and not self.separate_spatial
+                and isinstance(fe.fc6, nn.Linear) and isinstance(fe.fc7, nn.Linear))
+
+    def _union_head(self, levels, boxes, box_batch, pairs, safe_pairs, bounds, stats1, stats2, suspend: bool):
+        """The pairs grouped by image (at most 4 chunk_size pairs per group, in image order), then
+        :class:`._union_taps.UnionHead` (one host sync: the pairs per image)."""
+        B = levels[0].shape[0]
+        img = box_batch[safe_pairs[:, 0]].clamp(0, B - 1)
+        order = torch.argsort(img, stable=True)
+        counts = torch.bincount(img, minlength=B).tolist()
+        group = 4 * self.chunk_size
+        groups, start = [], 0
+        for b, n in enumerate(counts):
+            for s in range(start, start + n, group):
+                groups.append((b, order[s:min(s + group, start + n)]))
+            start += n
+        dtype = levels[0].dtype
+        rc, fe = self.rect_conv, self.feature_extractor
+        plan = _taps.Plan(boxes=boxes, box_batch=box_batch, pairs=pairs, safe_pairs=safe_pairs,
+                          masks=lambda pr: self._masks(bounds, pr, dtype), groups=groups, chunk=self.chunk_size,
+                          scales=self.scales, resolution=self.resolution, sampling_ratio=self.sampling_ratio,
+                          eps=(rc[2].eps, rc[6].eps), suspend=suspend,
+                          grad=torch.is_grad_enabled())
+        conv = fe.pooler.reduce_channel[0]
+        rect = (rc[0].weight, rc[0].bias, rc[2].weight, rc[2].bias, rc[4].weight, rc[4].bias, rc[6].weight, rc[6].bias)
+        return _taps.UnionHead.apply(plan, conv.weight, conv.bias, fe.fc6.weight, fe.fc6.bias, fe.fc7.weight,
+                                     fe.fc7.bias, *rect, *stats1, *stats2, *levels)
 
     def extra_repr(self) -> str:
         return (f"in_channels={self.in_channels}, resolution={self.resolution}, scales={self.scales}, "

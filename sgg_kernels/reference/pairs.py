@@ -373,3 +373,50 @@ __all__ = [
     "union_boxes", "union_boxes_backward", "pair_geometry", "pair_geometry_backward",
     "roi_align", "roi_align_backward", "pairwise_edge_fusion", "pairwise_edge_fusion_backward",
 ]
+
+
+# ---------------------------------------------------------------------------------------------
+# union_tap_pool: one tap of a 3x3 convolution after the all-level union RoIAlign, pooled from
+# the tap's projected maps (Scene-Graph-Benchmark's reduce_channel folded into the FPN levels)
+# ---------------------------------------------------------------------------------------------
+def _shift_bins(x: Tensor, dy: int, dx: int) -> Tensor:
+    """``out[..., i, j] = x[..., i + dy, j + dx]`` where that bin exists, else 0 (same shape)."""
+    R, S = x.shape[-2:]
+    out = torch.zeros_like(x)
+    i0, i1 = max(0, -dy), min(R, R - dy)
+    j0, j1 = max(0, -dx), min(S, S - dx)
+    if i0 < i1 and j0 < j1:
+        out[..., i0:i1, j0:j1] = x[..., i0 + dy:i1 + dy, j0 + dx:j1 + dx]
+    return out
+
+
+def union_tap_pool(maps, boxes: Tensor, box_batch: Tensor, pairs: Tensor, pooled: int, scales,
+                   sampling_ratio: int, aligned: bool, dy: int, dx: int) -> Tensor:
+    """``[P, C, pooled, pooled]``: the union-box RoIAlign of every level, summed over the levels and
+    shifted by one tap of a 3x3 convolution with zero padding 1:
+
+        out[p, :, i, j] = sum_l roi_align(maps[l], union box p, scales[l])[:, i + dy, j + dx]
+
+    (0 where bin (i + dy, j + dx) is outside the pooled grid). ``maps`` are channels-last
+    ``[B, H_l, W_l, C]``. With maps[l] = F_l W_{l,t}^T (the FPN level F_l projected by the tap's
+    slice of a conv weight W [C, L C, 3, 3]: W_{l,t} = W[:, l C:(l + 1) C, dy + 1, dx + 1]) the sum
+    over the 9 taps is that conv (no bias) of the concatenated per-level RoIAlign, because RoIAlign
+    is linear in the features and the same for every channel, so channel mixing commutes with it."""
+    acc = _acc_dtype(maps[0].dtype)
+    b = boxes.to(acc)
+    out = None
+    for m, s in zip(maps, scales):
+        r = roi_align(m.permute(0, 3, 1, 2), b, box_batch, pairs, pooled, pooled, s, sampling_ratio, aligned)
+        out = r if out is None else out + r
+    return _shift_bins(out, dy, dx)
+
+
+def union_tap_pool_backward(grad: Tensor, boxes: Tensor, box_batch: Tensor, pairs: Tensor, B: int, heights,
+                            widths, scales, sampling_ratio: int, aligned: bool, dy: int, dx: int):
+    """d maps of :func:`union_tap_pool`: per level ``roi_align_backward`` of the grad shifted back,
+    channels-last ``[B, H_l, W_l, C]``."""
+    acc = _acc_dtype(grad.dtype)
+    b = boxes.to(acc)
+    g = _shift_bins(grad, -dy, -dx)
+    return [roi_align_backward(g, b, box_batch, pairs, B, H, W, s, sampling_ratio, aligned).permute(0, 2, 3, 1)
+            .contiguous() for H, W, s in zip(heights, widths, scales)]

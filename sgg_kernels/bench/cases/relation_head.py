@@ -10,8 +10,10 @@ predicted labels). The object context (Motifs' LSTMs) is not part of it: ``edge_
 
 Impls (the same weights: every parameter is one input tensor that both read):
 
-- ``fused``: :class:`sgg_kernels.integrations._sgb_union.UnionFeatureExtractor` (pairs in chunks of
-  256 under checkpoint, whole-batch BatchNorm statistics) then
+- ``fused``: :class:`sgg_kernels.integrations._sgb_union.UnionFeatureExtractor` (whole-batch
+  BatchNorm statistics, then the ``UnionHead`` Function: pairs grouped by image, reduce_channel
+  folded into the FPN levels where it is cheaper, chunks of 256, only fc6's activation and the
+  output kept for the backward) then
   :class:`sgg_kernels.integrations._sgb_motifs.MotifsPairHead` (``pairwise_edge_fusion`` in its
   "sum" form: post_cat as two per-object projections, no ``[P, 2 hidden]`` / ``[P, 4096]`` pair
   tensors), both run with :func:`torch.func.functional_call` on the case's parameter tensors;
@@ -45,10 +47,12 @@ gradient), i.e. what an SGB training step of the relation head computes. ``sgdet
 eval mode under ``torch.no_grad()``, as SGB's test loop; its outputs carry no gradient, so only
 ``--passes fwd`` is meaningful there (the ``fwd+bwd`` row is an error row saying so).
 
-At full width the floor is about 0.36 GFLOP per pair forward (``reduce_channel`` 0.19, fc6 0.10,
-fc7 0.03, rect convs 0.02; ``python -m sgg_kernels.bench.floors --ops relation_head --size sgdet,sgdet_test``):
-``sgdet`` 1.46 TFLOP forward, 3.6 TFLOP forward + backward; ``sgdet_test`` 9.0 TFLOP forward. On a
-2-core CPU run only ``small`` / ``mid``; the full sizes are for a GPU::
+At full width the floor is about 0.2 GFLOP per pair forward (fc6 0.10, fc7 0.03, rect convs 0.02,
+reduce_channel folded into the levels 0.04-0.06 instead of the conv's 0.19;
+``python -m sgg_kernels.bench.floors --ops relation_head --size sgdet,sgdet_test``): ``sgdet`` 0.92
+TFLOP forward, 2.5 TFLOP forward + backward; ``sgdet_test`` 4.7 TFLOP forward. On a 2-core CPU the
+default run takes ``small`` / ``mid``; the full sizes take minutes there (``--single-call``, the
+committed ``cpu-Intel-Xeon-relation-head-*.json``) and are meant for a GPU::
 
     python -m sgg_kernels.bench --device cuda --ops relation_head --size sgdet --no-compile
     python -m sgg_kernels.bench --device cuda --ops relation_head --size sgdet_test --passes fwd --no-compile
@@ -308,6 +312,10 @@ def _floor(x) -> fl.Floor:
     the zero padding not counted) plus the bias; the sum (P C R^2); fc6, fc7 (2 rows in out + bias);
     post_emb on the K boxes; post_cat as two per-object projections (the minimal form, 2 K hidden Q
     each + bias), then per pair (a + b), * union, rel_compress (2 P Q R_rel + bias), + freq bias.
+    reduce_channel per image is the cheaper of the conv (2 x valid taps x L C x C per pair) and the
+    conv folded into the levels (RoIAlign is linear and channel-independent, so each tap's channel
+    mixing commutes with it: 9 projections of the image's maps, 18 C^2 sum_l H_l W_l, then 8 more
+    pooled passes over the levels; ``integrations._union_taps``); at sgdet the latter, about 5x fewer.
     BatchNorm, ReLU, max-pool and the rectangle masks (compares) are not counted.
     Backward (training: gradients of every parameter and of edge_ctx; the feature maps and masks need
     none): every layer's weight gradient (its forward FLOPs) and, except reduce_channel and rect conv 1
@@ -332,10 +340,21 @@ def _floor(x) -> fl.Floor:
     ub = ref.union_boxes(boxes.detach().to("cpu", torch.float64), pairs.to("cpu"))
     roi = sum(8 * C * fl._sample_taps(ub, OUT, s, SAMPLING, False) for s in SCALES)
     t3 = _conv_taps_1d(OUT, 3, 1, 1) ** 2
+    # reduce_channel per image: the conv on the pooled union features, or folded into the levels
+    # (nine 1x1 projections of the image's maps, then nine pooled passes), whichever is cheaper
+    image = bb[pairs[:, 0]].to("cpu")
+    pixels = sum(lv.shape[2] * lv.shape[3] for lv in levels)
+    reduce = 0
+    for b in range(levels[0].shape[0]):
+        mine = image == b
+        n = int(mine.sum())
+        if n:
+            roi_b = sum(8 * C * fl._sample_taps(ub[mine], OUT, s, SAMPLING, False) for s in SCALES)
+            reduce += min(2 * n * t3 * (len(levels) * C) * C, 18 * C * C * pixels + 8 * roi_b)
+    reduce += P * C * OUT * OUT  # bias
     t7 = _conv_taps_1d(rect, 7, 2, 3) ** 2
     h1 = x[U + "rect_conv.0.weight"].shape[0]
     n1 = (rect + 2 * 3 - 7) // 2 + 1  # conv 1 output side (14 at rect 27)
-    reduce = 2 * P * t3 * (len(levels) * C) * C + P * C * OUT * OUT
     conv1 = 2 * P * t7 * 2 * h1 + P * h1 * n1 * n1
     conv2 = 2 * P * t3 * h1 * C + P * C * OUT * OUT
     fc6 = 2 * P * (C * OUT * OUT) * D + P * D
