@@ -159,9 +159,8 @@ class UnionFeatureExtractor(nn.Module):
             A batch of at most ``chunk_size`` pairs is one chunk and runs that way too: with nothing
             to free before the backward, it skips the statistics pre-pass and the recomputation.
             At SGDet training scale (4,096 pairs, 256 channels, 4096-d fc6/fc7) the forward+backward
-            peak measured on the CPU is 1,134 / 943 / 847 MB at chunks of 512 / 256 / 128 (eager
-            SGB: 3,153 MB); about 0.4 GB of it is fc6/fc7's weight gradients, each chunk's added
-            into the total.
+            peak measured on the CPU at chunk 256 is 746 MB (eager SGB: 3,153 MB), of which ~0.3 GB
+            is the weight gradients.
 
     Memory and cost. SGB's default configuration (``pooling_all_levels`` with several levels, no
     ``separate_spatial``, Linear fc6 / fc7) runs as one autograd Function,
