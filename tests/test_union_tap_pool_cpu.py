@@ -123,3 +123,38 @@ def test_errors():
     with pytest.raises(RuntimeError, match="float32 and float64"):
         OPS._union_tap_pool_backward(torch.zeros(len(pairs), 5, 7, 7, dtype=torch.float16), boxes, box_batch, pairs,
                                      2, [13, 7], [17, 9], SCALES[2], 2, False, 0, 0)
+
+
+def test_opcheck():
+    """Schema, fake kernels (registered in sgg_kernels.integrations._union_taps) and dispatch of both ops."""
+    from sgg_kernels.integrations import _union_taps  # noqa: F401  (registers the fake kernels)
+
+    maps, boxes, box_batch, pairs = _case(2, 5, 2, 11)[:4]
+    args = (maps, boxes, box_batch, pairs, 5, SCALES[2], 2, False, 1, -1)
+    torch.library.opcheck(OPS._union_tap_pool.default, args,
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+    grad = torch.randn(pairs.shape[0], 5, 5, 5, dtype=torch.float64)
+    bargs = (grad, boxes, box_batch, pairs, 2, [h for h, _ in LEVELS[2]], [w for _, w in LEVELS[2]], SCALES[2], 2,
+             False, 1, -1)
+    torch.library.opcheck(OPS._union_tap_pool_backward.default, bargs,
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+
+
+def test_backward_is_the_adjoint():
+    """gradcheck of the forward op with the backward op as its derivative (float64): the C++
+    backward is the exact adjoint of the C++ forward, for a shifted tap."""
+    maps, boxes, box_batch, pairs = _case(2, 3, 2, 12)[:4]
+    hw = LEVELS[2]
+
+    class _Tap(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *ms):
+            return OPS._union_tap_pool(list(ms), boxes, box_batch, pairs, 5, SCALES[2], 0, True, -1, 1)
+
+        @staticmethod
+        def backward(ctx, g):
+            return tuple(OPS._union_tap_pool_backward(g.contiguous(), boxes, box_batch, pairs, 2, [h for h, _ in hw],
+                                                      [w for _, w in hw], SCALES[2], 0, True, -1, 1))
+
+    ms = [m.clone().requires_grad_() for m in maps]
+    assert torch.autograd.gradcheck(_Tap.apply, ms)

@@ -368,6 +368,31 @@ void axis_bins(T start, T extent, int64_t pooled, int64_t size, int64_t sampling
   }
 }
 
+// The RoIs r < R with image_of(r) >= 0 grouped by image, each image's in index order:
+// order[start[b] .. start[b + 1]) (the deterministic per-image order of the backward passes).
+template <typename ImageOf>
+void image_order(int64_t R, int64_t B, const ImageOf& image_of, std::vector<int64_t>& start,
+                 std::vector<int64_t>& order) {
+  start.assign(B + 1, 0);
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t b = image_of(r);
+    if (b >= 0) {
+      ++start[b + 1];
+    }
+  }
+  for (int64_t b = 0; b < B; ++b) {
+    start[b + 1] += start[b];
+  }
+  order.resize(start[B]);
+  std::vector<int64_t> fill(start.begin(), start.end() - 1);
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t b = image_of(r);
+    if (b >= 0) {
+      order[fill[b]++] = r;
+    }
+  }
+}
+
 // RoIs per task of the RoIAlign forward (small enough to keep many tasks for ~100 RoIs).
 constexpr int64_t kRoiChunk = 16;
 
@@ -600,24 +625,8 @@ at::Tensor roi_align_backward(const at::Tensor& grad_in, const at::Tensor& boxes
       }
     });
     // The non-empty RoIs of each image, in index order: order[start[b] .. start[b + 1]).
-    std::vector<int64_t> start(B + 1, 0), order;
-    for (int64_t r = 0; r < R; ++r) {
-      if (!rois[r].empty()) {
-        ++start[rois[r].batch + 1];
-      }
-    }
-    for (int64_t b = 0; b < B; ++b) {
-      start[b + 1] += start[b];
-    }
-    order.resize(start[B]);
-    {
-      std::vector<int64_t> fill(start.begin(), start.end() - 1);
-      for (int64_t r = 0; r < R; ++r) {
-        if (!rois[r].empty()) {
-          order[fill[rois[r].batch]++] = r;
-        }
-      }
-    }
+    std::vector<int64_t> start, order;
+    image_order(R, B, [&](int64_t r) { return rois[r].empty() ? int64_t(-1) : rois[r].batch; }, start, order);
     const scalar_t* g = grad.const_data_ptr<scalar_t>();
     scalar_t* dst = out.mutable_data_ptr<scalar_t>();
     const int64_t bins = pooled_h * pooled_w;
@@ -972,24 +981,8 @@ std::vector<at::Tensor> union_tap_pool_backward(const at::Tensor& grad_in, const
       }
     });
     // The valid pairs of each image, in index order: order[start[b] .. start[b + 1]).
-    std::vector<int64_t> start(B + 1, 0), order;
-    for (int64_t p = 0; p < P; ++p) {
-      if (rois[p].batch >= 0) {
-        ++start[rois[p].batch + 1];
-      }
-    }
-    for (int64_t b = 0; b < B; ++b) {
-      start[b + 1] += start[b];
-    }
-    order.resize(start[B]);
-    {
-      std::vector<int64_t> fill(start.begin(), start.end() - 1);
-      for (int64_t p = 0; p < P; ++p) {
-        if (rois[p].batch >= 0) {
-          order[fill[rois[p].batch]++] = p;
-        }
-      }
-    }
+    std::vector<int64_t> start, order;
+    image_order(P, B, [&](int64_t p) { return rois[p].batch; }, start, order);
     const T* g = grad.const_data_ptr<T>();
     constexpr int kBwdVecs = 8;  // channels per task: 8 64-byte vectors (128 floats, 64 doubles)
     constexpr int64_t kBwdLanes = kBwdVecs * static_cast<int64_t>(64 / sizeof(T));

@@ -422,11 +422,7 @@ class UnionFeatureExtractor(nn.Module):
     # BN helpers: x normalised with (mean, biased var) as tensors, so gradients reach the statistics.
     @staticmethod
     def _bn(x: Tensor, bn: nn.BatchNorm2d, mean: Tensor, var: Tensor) -> Tensor:
-        scale = torch.rsqrt(var + bn.eps)
-        if bn.weight is not None:
-            scale = scale * bn.weight
-        y = (x - mean.view(1, -1, 1, 1)) * scale.view(1, -1, 1, 1)
-        return y + bn.bias.view(1, -1, 1, 1) if bn.bias is not None else y
+        return _taps.bn(x, mean, var, bn.weight, bn.bias, bn.eps)
 
     def _z1(self, masks: Tensor) -> Tensor:
         conv = self.rect_conv[0]

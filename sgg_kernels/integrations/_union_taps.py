@@ -52,6 +52,16 @@ from ..reference import pairs as ref
 _TAP = Kernels("pairs", ref.union_tap_pool, cpu="_union_tap_pool")
 _TAP_BWD = Kernels("pairs", ref.union_tap_pool_backward, cpu="_union_tap_pool_backward")
 
+@torch.library.register_fake("sgg_kernels::_union_tap_pool")
+def _(maps, boxes, box_batch, pairs, pooled, scales, sampling_ratio, aligned, dy, dx):
+    return maps[0].new_empty((pairs.shape[0], maps[0].shape[-1], pooled, pooled))
+
+
+@torch.library.register_fake("sgg_kernels::_union_tap_pool_backward")
+def _(grad, boxes, box_batch, pairs, B, heights, widths, scales, sampling_ratio, aligned, dy, dx):
+    return [grad.new_empty((B, H, W, grad.shape[1])) for H, W in zip(heights, widths)]
+
+
 # Pooled C-vector reads cost about this many conv (GEMM) FLOPs each in the FLOP model of _use_taps.
 GATHER_COST = 4.0
 TAPS = [(ky, kx) for ky in range(3) for kx in range(3)]
@@ -120,7 +130,7 @@ def _tap_pool_backward(grad, boxes, box_batch, pairs, maps_like: List[Tensor], s
         return list(torch.autograd.grad(out, leaves, grad))
 
 
-def _bn(x: Tensor, mean: Tensor, var: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float) -> Tensor:
+def bn(x: Tensor, mean: Tensor, var: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float) -> Tensor:
     """BatchNorm with given (mean, biased var) as one multiply-add (autograd keeps x and the scale only)."""
     scale = torch.rsqrt(var + eps)
     if weight is not None:
@@ -137,9 +147,9 @@ def rect_features(masks: Tensor, rect: Sequence[Optional[Tensor]], stats: Sequen
     c1w, c1b, g1, b1, c2w, c2b, g2, b2 = rect
     m1, v1, m2, v2 = stats
     z = F.relu(F.conv2d(masks, c1w, c1b, stride=2, padding=3))
-    z = F.max_pool2d(_bn(z, m1, v1, g1, b1, eps[0]), kernel_size=3, stride=2, padding=1)
+    z = F.max_pool2d(bn(z, m1, v1, g1, b1, eps[0]), kernel_size=3, stride=2, padding=1)
     z = F.relu(F.conv2d(z, c2w, c2b, stride=1, padding=1))
-    return _bn(z, m2, v2, g2, b2, eps[1])
+    return bn(z, m2, v2, g2, b2, eps[1])
 
 
 class _Image:
@@ -173,17 +183,14 @@ def _vis(plan: Plan, img: _Image, idx: Tensor, W: Tensor, b: Tensor, taps: bool)
         pooled = union_roi_align(img.nchw, plan.boxes, local, pairs, (R, R), list(plan.scales), plan.sampling_ratio,
                                  False)
         return F.relu(F.conv2d(pooled, W, b, padding=1))
-    acc = None
+    acc = W.new_empty((pairs.shape[0], C, R, R))
     for ky, kx in TAPS:
         maps = [torch.mm(m.view(-1, C), _tap_weight(W, l, C, ky, kx).t()).view(m.shape)
                 for l, m in enumerate(img.cl)]  # G_{l,t} = W_{l,t} F_l, channels-last
         for s in range(0, pairs.shape[0], plan.chunk):
             t = _tap_pool(maps, plan.boxes, local, pairs[s:s + plan.chunk], R, plan.scales, plan.sampling_ratio,
                           ky - 1, kx - 1)
-            if acc is None:
-                acc = torch.empty((pairs.shape[0],) + t.shape[1:], dtype=t.dtype, device=t.device)
-                acc[s:s + plan.chunk] = t
-            elif ky == 0 and kx == 0:
+            if (ky, kx) == TAPS[0]:
                 acc[s:s + plan.chunk] = t
             else:
                 acc[s:s + plan.chunk] += t
