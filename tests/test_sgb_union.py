@@ -500,13 +500,7 @@ def test_union_head_gradcheck(train, reduce_route):
 def _call(m, params, names, w_r, g2, fine, coarse, boxes, box_batch, pairs):
     from torch.func import functional_call
 
-    class _Packed(torch.nn.Module):
-        def __init__(self, inner):
-            super().__init__()
-            self.m = inner
-
-        def forward(self, *a):
-            return self.m.forward_packed(*a)
+    from sgg_kernels.bench.cases.relation_head import _Packed  # forward = the module's forward_packed
 
     sd = {"m." + n: p for n, p in {**params, names[0]: w_r, names[1]: g2}.items()}
     return functional_call(_Packed(m), sd, ([fine, coarse], boxes, box_batch, pairs, [(28, 24), (28, 24)]))
