@@ -124,7 +124,8 @@ def _loss(out, weights):
     return sum((o * w).sum() for o, w in zip(outs, weights))
 
 
-def _compare(m, train, separate_spatial, chunk_size, pooling_all_levels=True, scene_seed=0, levels=None):
+def _compare(m, train, separate_spatial, chunk_size, pooling_all_levels=True, scene_seed=0, levels=None,
+             features_grad=True):
     features, proposals, rel = _scene(scene_seed)
     if levels is not None:
         features = features[:levels]
@@ -132,8 +133,8 @@ def _compare(m, train, separate_spatial, chunk_size, pooling_all_levels=True, sc
     m.chunk_size = chunk_size
     m.train(train)
     ref.train(train)
-    f1 = [f.clone().requires_grad_() for f in features]
-    f2 = [f.clone().requires_grad_() for f in features]
+    f1 = [f.clone().requires_grad_(features_grad) for f in features]
+    f2 = [f.clone().requires_grad_(features_grad) for f in features]
     out = m(f1, proposals, rel)
     expect = sgb_relation_features(ref, f2, proposals, rel, separate_spatial, pooling_all_levels)
     outs = out if isinstance(out, tuple) else (out,)
@@ -164,12 +165,19 @@ def _compare(m, train, separate_spatial, chunk_size, pooling_all_levels=True, sc
     return m, ref
 
 
-@pytest.fixture(params=["conv", "taps", "taps-generic"])
+@pytest.fixture(params=["conv", "taps", "taps-generic", "taps-fwd-conv-bwd"])
 def reduce_route(request, monkeypatch):
     """The routes of reduce_channel in the UnionHead Function: the conv on the pooled union
     features, or the tap maps (the conv folded into the FPN levels) pooled by the C++ kernels or by
-    the union RoIAlign op (what other devices use); each forced for every image."""
-    monkeypatch.setattr(_union_taps, "use_taps", lambda *a: request.param != "conv")
+    the union RoIAlign op (what other devices use); each forced for every image, in the forward and
+    the backward, or the taps in the forward and the conv in the backward (what SGDet training, 1,024
+    pairs per image, picks)."""
+    def forced(*args, backward=False, level_grad=False):
+        if request.param == "taps-fwd-conv-bwd":
+            return not backward
+        return request.param != "conv"
+
+    monkeypatch.setattr(_union_taps, "use_taps", forced)
     if request.param == "taps-generic":
         monkeypatch.setattr(_union_taps, "cpp_tap_pool", lambda t: False)
     return request.param
@@ -334,6 +342,14 @@ def test_no_pairs_gives_empty_and_keeps_statistics():
     assert out.shape == (2, D)
 
 
+@pytest.mark.parametrize("chunk_size", [1, 4, None])
+@pytest.mark.parametrize("train", [True, False])
+def test_frozen_features(chunk_size, train, reduce_route):
+    """SGB trains the relation head on a frozen detector: FPN features without gradients, so the
+    backward computes the weight gradients only (each route without its features' gradient)."""
+    _compare(_module(), train, False, chunk_size, features_grad=False)
+
+
 @pytest.mark.parametrize("train", [True, False])
 def test_pairs_of_images_interleaved(train, reduce_route):
     """forward_packed with the two images' pairs interleaved: UnionHead groups them by image and
@@ -376,12 +392,19 @@ def test_no_grad_forward_equals(train, reduce_route):
 
 def test_tap_route_cost_model():
     """_union_taps.use_taps: at SGB's widths (C = 256, 4 levels of a 592 x 800 input, R = 7) the tap
-    maps pay off from a few hundred pairs per image (SGDet training samples 1,024, testing 6,320);
-    tiny widths never use them."""
+    maps pay off in the forward from several hundred pairs per image (SGDet testing takes 6,320),
+    in the backward only when the features need gradients too; tiny widths never use them."""
     px = 148 * 200 + 74 * 100 + 37 * 50 + 19 * 25
     assert not _union_taps.use_taps(64, 256, 4, 7, px)
-    assert _union_taps.use_taps(1024, 256, 4, 7, px)
+    assert not _union_taps.use_taps(512, 256, 4, 7, px)
+    assert _union_taps.use_taps(2048, 256, 4, 7, px)
+    assert _union_taps.use_taps(6320, 256, 4, 7, px)
+    assert not _union_taps.use_taps(6320, 256, 4, 7, px, backward=True)
+    assert _union_taps.use_taps(6320, 256, 4, 7, px, backward=True, level_grad=True)
     assert not _union_taps.use_taps(10_000, 8, 4, 7, px)
+    conv, taps = _union_taps.route_costs(1024, 256, 4, 7, px)
+    conv_b, taps_b = _union_taps.route_costs(1024, 256, 4, 7, px, backward=True)
+    assert conv_b > conv and taps_b > taps  # the backward includes the recomputed forward
 
 
 def test_bad_inputs():

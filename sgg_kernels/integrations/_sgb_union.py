@@ -171,15 +171,17 @@ class UnionFeatureExtractor(nn.Module):
     statistics, nothing per pair and layer. The backward recomputes reduce_channel and the rect
     branch per chunk, not fc6 / fc7; it adds each chunk's fc6 weight gradient into one buffer
     (``addmm_``), so the weight gradients exist once. reduce_channel takes one of two exact routes
-    per group, whichever a FLOP model (``_union_taps.use_taps``) says is cheaper:
+    per group, in the forward and in the backward separately, whichever a cost model calibrated on
+    the CPU (``_union_taps.route_costs``) says is cheaper:
 
-    - the 3x3 conv on the concatenated pooled levels, as SGB (few pairs per image);
+    - the 3x3 conv on the concatenated pooled levels of each chunk, as SGB (few pairs per image, and
+      the backward on frozen features, where the pooled chunk also gives the weight gradient);
     - the conv folded into the levels: RoIAlign is linear and the same for every channel, so each
       tap's channel mixing commutes with it; the image's levels are projected once per tap
       (9 x 1x1 convs) and the union boxes pooled from those maps, shifted by the tap and summed
       (C++ CPU kernel ``_union_tap_pool``; elsewhere the union RoIAlign op). At SGB's widths this
-      costs ~46 GFLOP per image plus 9 pooled passes instead of 231 MFLOP per pair, and pays off from
-      a few hundred pairs per image (SGDet trains on 1,024, tests on 6,320).
+      costs ~46 GFLOP per image plus 9 pooled passes instead of 231 MFLOP per pair, and pays off in
+      the forward from ~700 pairs per image (SGDet trains on 1,024, tests on 6,320).
 
     Other configurations (one level, LevelMapper pooling, separate_spatial, GroupNorm fc) run each
     chunk under ``torch.utils.checkpoint`` (non-reentrant), keeping the output [P, D] and the chunk

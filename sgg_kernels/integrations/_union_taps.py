@@ -22,13 +22,18 @@ and the output itself). Two things make it cheaper than checkpointing each chunk
    pooled reads of C-vectors (~15 MFLOP), for 2 * 9 * C^2 * sum_l H_l W_l FLOPs per image (46 GFLOP
    at SGB's 592 x 800 input, the cost of the conv for ~200 pairs). The weight gradient takes the same
    route backwards: dW_{l,t} = sum_pixels dG_{l,t} F_l^T with dG_{l,t} the RoIAlign backward of the
-   shifted gradient. Used for an image's pairs when the FLOP model below says it is cheaper
-   (``_use_taps``); otherwise the pooled features go through the conv as SGB does.
+   shifted gradient. Chosen per image, separately for the forward and the backward, by a cost model
+   calibrated on the CPU (``route_costs`` / ``use_taps``); otherwise the pooled features of each
+   chunk go through the conv as SGB does. The backward's conv route pools each chunk once and uses
+   it for the recomputed conv and for the conv's weight gradient; a tap backward scatters into the
+   maps, ~3x a tap pass, so training on a frozen detector (no feature gradients) keeps the conv in
+   the backward while the forward of more than ~700 pairs per image takes the taps.
    Pooling of the tap maps: ``sgg_kernels::_union_tap_pool`` (C++ CPU, channels-last) or, on other
    devices, the union RoIAlign op on the maps (``_tap_pool_generic``).
 2. **No forward recomputation of fc6 / fc7 and one buffer per weight gradient.** fc6's output after
    ReLU and the output are kept ([P, D] each); the backward recomputes vis and the rect features per
-   chunk only, adds each chunk's fc6 weight gradient into one buffer (``addmm_``) and returns the
+   chunk only, adds each chunk's fc6 weight gradient into one buffer (the first chunk's product, then
+   ``addmm_``) and returns the
    total, and overwrites the saved fc6 activation with its gradient. Peak memory is the two [P, D]
    tensors, their gradient, the weight gradients and one chunk's activations.
 
@@ -62,8 +67,16 @@ def _(grad, boxes, box_batch, pairs, B, heights, widths, scales, sampling_ratio,
     return [grad.new_empty((B, H, W, grad.shape[1])) for H, W in zip(heights, widths)]
 
 
-# Pooled C-vector reads cost about this many conv (GEMM) FLOPs each in the FLOP model of _use_taps.
-GATHER_COST = 4.0
+# The cost model of use_taps, in FLOP equivalents of the conv's GEMM. Calibrated on 2 cores of an AMD
+# EPYC (float32, torch 2.13 CPU) at SGB's widths, 1,024 pairs of one image in chunks of 256, where the
+# conv ran at 432 GFLOP/s (549 ms): the tap route's forward took 835 ms, of which the nine 1x1
+# projections of the levels (46 GFLOP) 313 ms and each tap's pooled pass with its accumulation ~58 ms;
+# the conv route's RoIAlign of the L levels 421 ms; one tap's backward (the scatter into the maps) 193 ms.
+# (Single runs on a shared machine vary by ~15%.)
+GATHER_COST = 15.0  # one bilinear read of a C-vector by the tap kernel (and its accumulation), per channel
+ROI_PASS = 7.3      # the union RoIAlign of the L levels (NCHW, one plane per channel), in tap passes
+SCATTER = 3.3       # one tap's backward, in tap passes
+PROJ_COST = 2.9     # per FLOP of the 1x1 projections (thin GEMMs on channels-last slices: 148 GFLOP/s)
 TAPS = [(ky, kx) for ky in range(3) for kx in range(3)]
 
 
@@ -85,14 +98,37 @@ class Plan:
     grad: bool              # grad mode was on at the call (Function.forward itself always runs without)
 
 
-def use_taps(n: int, C: int, L: int, R: int, level_pixels: int) -> bool:
-    """Whether n pairs of one image are cheaper through the tap maps than through the conv.
+def route_costs(n: int, C: int, L: int, R: int, level_pixels: int, backward: bool = False,
+                level_grad: bool = False) -> Tuple[float, float]:
+    """(conv route, tap route) cost of reduce_channel for n pairs of one image, in conv-GEMM FLOP
+    equivalents (constants above).
 
-    taps: 18 C^2 sum_l H_l W_l (the nine projections) + 9 * 2 L R^2 * 16 C GATHER_COST (nine pooled
-    passes of ~16 taps per bin); conv: 18 L C^2 R^2 n + the one pooled pass. At C = 256, L = 4,
-    R = 7 and SGB's 592 x 800 levels the break-even is at ~330 pairs per image."""
-    pool = 2 * L * R * R * 16 * C * GATHER_COST * n
-    return 18 * C * C * level_pixels + 9 * pool < 18 * L * C * C * R * R * n + pool
+    Forward: conv = n (RoIAlign + 18 L C^2 R^2); taps = the nine projections (18 C^2 sum_l H_l W_l)
+    + 9 n tap passes (2 L R^2 * 16 C GATHER_COST each: 16 bilinear taps per bin and level).
+    Backward (the recomputation of the forward, then the weight gradient; level_grad: and the
+    features' gradient): conv = n (RoIAlign + conv + conv weight gradient [+ input gradient + the
+    RoIAlign's backward]), the pooled chunk reused; taps = the tap forward + 9 n tap backwards + the
+    weight gradient's GEMMs over the pixels [+ the features' GEMMs]."""
+    conv = 18.0 * L * C * C * R * R
+    tap = 2.0 * L * R * R * 16 * C * GATHER_COST
+    roi = ROI_PASS * tap
+    proj = PROJ_COST * 18.0 * C * C * level_pixels
+    conv_cost = n * (roi + conv)
+    taps_cost = proj + 9 * n * tap
+    if backward:
+        conv_cost += n * conv + (n * (conv + SCATTER * roi) if level_grad else 0.0)
+        taps_cost += 9 * n * SCATTER * tap + proj * (2 if level_grad else 1)
+    return conv_cost, taps_cost
+
+
+def use_taps(n: int, C: int, L: int, R: int, level_pixels: int, backward: bool = False,
+             level_grad: bool = False) -> bool:
+    """Whether n pairs of one image are cheaper through the tap maps than through the conv
+    (:func:`route_costs`). At C = 256, L = 4, R = 7 and SGB's 592 x 800 levels the forward breaks even
+    at ~700 pairs per image (SGDet training samples 1,024, testing takes 6,320); the backward (recomputation + weight gradient) keeps the conv, which
+    reuses its pooled chunk for the weight gradient, unless the features need gradients too."""
+    conv_cost, taps_cost = route_costs(n, C, L, R, level_pixels, backward, level_grad)
+    return taps_cost < conv_cost
 
 
 def _tap_pool_generic(maps: List[Tensor], boxes, box_batch, pairs, R: int, scales, sampling: int, dy: int,
@@ -174,16 +210,25 @@ def _tap_weight(W: Tensor, l: int, C: int, ky: int, kx: int) -> Tensor:
     return W[:, l * C:(l + 1) * C, ky, kx]  # [C_out, C_in]
 
 
+def _pool(plan: Plan, img: _Image, pairs: Tensor, leaves: Optional[List[Tensor]] = None) -> Tensor:
+    """SGB's pooled union features of these pairs (one image): [n, L C, R, R] (from `leaves`, the
+    image's levels as autograd leaves, when given)."""
+    R = plan.resolution
+    local = torch.zeros_like(plan.box_batch)  # the one image's maps are image 0
+    return union_roi_align(img.nchw if leaves is None else leaves, plan.boxes, local, pairs, (R, R),
+                           list(plan.scales), plan.sampling_ratio, False)
+
+
 def _vis(plan: Plan, img: _Image, idx: Tensor, W: Tensor, b: Tensor, taps: bool) -> Tensor:
     """ReLU(reduce_channel(pooled union features)) of the pairs at positions idx (one image): [n, C, R, R]."""
     pairs = plan.pairs[idx]
-    local = torch.zeros_like(plan.box_batch)  # the one image's maps are image 0
     R, C = plan.resolution, W.shape[0]
-    if not taps:
-        pooled = union_roi_align(img.nchw, plan.boxes, local, pairs, (R, R), list(plan.scales), plan.sampling_ratio,
-                                 False)
-        return F.relu(F.conv2d(pooled, W, b, padding=1))
     acc = W.new_empty((pairs.shape[0], C, R, R))
+    if not taps:  # pooled per chunk: [chunk, L C, R, R] at a time
+        for s in range(0, pairs.shape[0], plan.chunk):
+            acc[s:s + plan.chunk] = F.conv2d(_pool(plan, img, pairs[s:s + plan.chunk]), W, b, padding=1)
+        return acc.relu_()
+    local = torch.zeros_like(plan.box_batch)
     for ky, kx in TAPS:
         maps = [torch.mm(m.view(-1, C), _tap_weight(W, l, C, ky, kx).t()).view(m.shape)
                 for l, m in enumerate(img.cl)]  # G_{l,t} = W_{l,t} F_l, channels-last
@@ -198,32 +243,21 @@ def _vis(plan: Plan, img: _Image, idx: Tensor, W: Tensor, b: Tensor, taps: bool)
     return acc.relu_()
 
 
-def _vis_weight_grad(plan: Plan, img: _Image, idx: Tensor, W: Tensor, dvis: Tensor, taps: bool,
-                     dW: Tensor, dlevels: Optional[List[Tensor]], bimg: int) -> None:
-    """dW += d reduce_channel weight of these pairs given dvis (after the ReLU's mask); dlevels
-    (NCHW [B, C, H, W] per level, or None) += d features."""
+def _tap_weight_grad(plan: Plan, img: _Image, idx: Tensor, W: Tensor, dvis: Tensor, dW: Optional[Tensor],
+                     dlevels: Optional[List[Tensor]], bimg: int) -> None:
+    """The tap route's backward for the pairs at positions idx given dvis (after the ReLU's mask):
+    dW (or None) += d reduce_channel weight, dlevels (NCHW [B, C, H, W] per level, or None) += d
+    features: per tap, dG_{l,t} = the tap pool's backward, dW_{l,t} = dG^T F_l, dF_l = dG W_{l,t}."""
     pairs = plan.pairs[idx]
     local = torch.zeros_like(plan.box_batch)
-    R, C = plan.resolution, W.shape[0]
-    if not taps:
-        for s in range(0, pairs.shape[0], plan.chunk):
-            with torch.enable_grad():
-                leaves = [lv.detach().requires_grad_(dlevels is not None) for lv in img.nchw]
-                pooled = union_roi_align(leaves, plan.boxes, local, pairs[s:s + plan.chunk], (R, R),
-                                         list(plan.scales), plan.sampling_ratio, False)
-            g = dvis[s:s + plan.chunk]
-            dW += torch.nn.grad.conv2d_weight(pooled.detach(), W.shape, g, padding=1)
-            if dlevels is not None:
-                dx = torch.nn.grad.conv2d_input(pooled.shape, W, g, padding=1)
-                for d, got in zip(dlevels, torch.autograd.grad(pooled, leaves, dx)):
-                    d[bimg:bimg + 1] += got
-        return
+    C = W.shape[0]
     for ky, kx in TAPS:
         dmaps = _tap_pool_backward(dvis, plan.boxes, local, pairs, img.cl, plan.scales, plan.sampling_ratio,
                                    ky - 1, kx - 1)
         for l, (dm, m) in enumerate(zip(dmaps, img.cl)):
             dg = dm.view(-1, C)  # [pixels, C_out]
-            dW[:, l * C:(l + 1) * C, ky, kx] += torch.mm(dg.t(), m.view(-1, C))
+            if dW is not None:
+                dW[:, l * C:(l + 1) * C, ky, kx] += torch.mm(dg.t(), m.view(-1, C))
             if dlevels is not None:  # G = F W^T -> dF = dG W
                 dF = torch.mm(dg, _tap_weight(W, l, C, ky, kx)).view(m.shape)
                 dlevels[l][bimg:bimg + 1] += dF.permute(0, 3, 1, 2)
@@ -243,13 +277,10 @@ class UnionHead(torch.autograd.Function):
         C, R, L = W_r.shape[0], plan.resolution, len(levels)
         grad = plan.grad and any(ctx.needs_input_grad[1:])
         out = W6.new_empty((P, D))
-        flags = []
         with suspended_value_checks() if plan.suspend else contextlib.nullcontext():
             for bimg, idx in plan.groups:
                 img = _Image(levels, bimg)
-                taps = use_taps(idx.numel(), C, L, R, img.pixels)
-                flags.append(taps)
-                vis = _vis(plan, img, idx, W_r, b_r, taps)
+                vis = _vis(plan, img, idx, W_r, b_r, use_taps(idx.numel(), C, L, R, img.pixels))
                 del img  # its channels-last copies
                 for s in range(0, idx.numel(), plan.chunk):
                     sub = idx[s:s + plan.chunk]
@@ -259,7 +290,7 @@ class UnionHead(torch.autograd.Function):
                         h = F.relu(torch.addmm(b7, h.relu_(), W7.t()))
                     out[sub] = h
                 del vis
-        ctx.plan, ctx.flags = plan, flags
+        ctx.plan = plan
         if not grad:
             return out
         y6 = out.relu_()
@@ -285,7 +316,7 @@ class UnionHead(torch.autograd.Function):
             dW7.addmm_(g.t(), y6[s:s + rows])
             db7 += g.sum(0)
             g6[s:s + rows] = torch.mm(g, W7) * (y6[s:s + rows] > 0)
-        dW6 = torch.zeros_like(W6)
+        dW6: Optional[Tensor] = None  # the first chunk's product, then addmm_ (no [D, C R R] zero fill)
         db6 = W6.new_zeros(W6.shape[0])
         dW_r = torch.zeros_like(W_r)
         db_r = W_r.new_zeros(C)
@@ -295,25 +326,50 @@ class UnionHead(torch.autograd.Function):
                   for t, n in zip(list(rect) + list(stats), need[7:19])]
         leaf_list = [t for t in leaves if t is not None and t.requires_grad]
         with suspended_value_checks() if plan.suspend else contextlib.nullcontext():
-            for (bimg, idx), taps in zip(plan.groups, ctx.flags):
+            for bimg, idx in plan.groups:
                 img = _Image(levels, bimg)
-                vis = _vis(plan, img, idx, W_r, b_r, taps)
+                # The backward's own route: the conv route's pooled chunk also gives its weight gradient.
+                taps = use_taps(idx.numel(), C, len(levels), R, img.pixels, backward=True, level_grad=want_levels)
+                pairs = plan.pairs[idx]
+                vis = _vis(plan, img, idx, W_r, b_r, True) if taps else None
                 for s in range(0, idx.numel(), plan.chunk):
                     sub = idx[s:s + plan.chunk]
                     g = g6[sub]
                     with torch.enable_grad():
                         r = rect_features(plan.masks(plan.safe_pairs[sub]), leaves[:8], leaves[8:], plan.eps)
-                    v = vis[s:s + plan.chunk]
-                    dW6.addmm_(g.t(), (v + r.detach()).flatten(1))
+                    if taps:
+                        v = vis[s:s + plan.chunk]
+                    else:  # pool this chunk (as leaves of the levels when they need gradients), conv, ReLU
+                        with torch.enable_grad():
+                            lv = [t.detach().requires_grad_() for t in img.nchw] if want_levels else None
+                            pooled = _pool(plan, img, pairs[s:s + plan.chunk], lv)
+                        v = F.conv2d(pooled.detach(), W_r, b_r, padding=1).relu_()
+                    x6 = (v + r.detach()).flatten(1)
+                    dW6 = torch.mm(g.t(), x6) if dW6 is None else dW6.addmm_(g.t(), x6)
+                    del x6
                     db6 += g.sum(0)
                     dh = torch.mm(g, W6).view(v.shape)
                     if leaf_list:
                         torch.autograd.backward(r, dh, inputs=leaf_list)
-                    v.copy_(dh * (v > 0))  # vis -> d(reduce_channel output), in place
-                db_r += vis.sum((0, 2, 3))
-                _vis_weight_grad(plan, img, idx, W_r, vis, taps, dW_r, dlevels, bimg)
+                    dv = dh.mul_(v > 0)  # d(reduce_channel output)
+                    if taps:
+                        v.copy_(dv)  # vis -> its gradient, in place
+                        continue
+                    db_r += dv.sum((0, 2, 3))
+                    if need[1]:
+                        dW_r += torch.nn.grad.conv2d_weight(pooled.detach(), W_r.shape, dv, padding=1)
+                    if want_levels:
+                        dx = torch.nn.grad.conv2d_input(pooled.shape, W_r, dv, padding=1)
+                        for d, got in zip(dlevels, torch.autograd.grad(pooled, lv, dx)):
+                            d[bimg:bimg + 1] += got
+                    del pooled, v, dv
+                if taps:
+                    db_r += vis.sum((0, 2, 3))
+                    _tap_weight_grad(plan, img, idx, W_r, vis, dW_r if need[1] else None, dlevels, bimg)
                 del vis, img
         grads_rect = [None if t is None or not t.requires_grad else t.grad for t in leaves]
+        if dW6 is None:  # no pairs in any group (only with checks off)
+            dW6 = torch.zeros_like(W6)
         out = [None, dW_r, db_r, dW6, db6, dW7, db7] + grads_rect
         out += dlevels if dlevels is not None else [None] * len(levels)
         return tuple(g if (g is None or n) else None for g, n in zip(out, need))
