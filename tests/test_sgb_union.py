@@ -125,7 +125,7 @@ def _loss(out, weights):
 
 
 def _compare(m, train, separate_spatial, chunk_size, pooling_all_levels=True, scene_seed=0, levels=None,
-             features_grad=True):
+             features_grad=True, setup=None):
     features, proposals, rel = _scene(scene_seed)
     if levels is not None:
         features = features[:levels]
@@ -133,6 +133,9 @@ def _compare(m, train, separate_spatial, chunk_size, pooling_all_levels=True, sc
     m.chunk_size = chunk_size
     m.train(train)
     ref.train(train)
+    if setup is not None:  # applied to both modules after train(): per-layer modes and frozen parameters
+        setup(m)
+        setup(ref)
     f1 = [f.clone().requires_grad_(features_grad) for f in features]
     f2 = [f.clone().requires_grad_(features_grad) for f in features]
     out = m(f1, proposals, rel)
@@ -230,6 +233,21 @@ def test_momentum_none_and_repeated_steps():
     ref_buffers = dict(ref.named_buffers())
     for name, b in m.named_buffers():
         torch.testing.assert_close(b, ref_buffers[name], rtol=1e-9, atol=1e-12, msg=lambda s: f"{name}: {s}")
+
+
+def _bn1_eval_frozen_conv1(m):
+    m.rect_conv[2].eval()  # BN1 on its running statistics, BN2 on the batch's
+    m.rect_conv[0].weight.requires_grad_(False)
+    m.rect_conv[6].weight.requires_grad_(False)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4])
+def test_statistics_passes_with_mixed_bn_modes_and_frozen_layers(chunk_size, reduce_route):
+    # the statistics Functions return gradients for the parameters that need them only, and BN2's
+    # statistics depend on BN1's running buffers (no gradient) when BN1 is in eval mode
+    _compare(_module(), True, False, chunk_size, setup=_bn1_eval_frozen_conv1)
+    _compare(_module(), True, False, chunk_size,
+             setup=lambda m: m.rect_conv[0].bias.requires_grad_(False))
 
 
 def test_group_norm_fc_matches():

@@ -109,7 +109,7 @@ def _gn_groups(dim: int, dim_per_gp: int, num_groups: int) -> int:
 def _chan_combine(means: List[Tensor], m2s: List[Tensor], counts: List[int]) -> Tuple[Tensor, Tensor, int]:
     """Per-channel mean and sum of squared deviations M2 of the union of chunks, from each chunk's
     mean and M2 (Chan et al.'s pairwise update, exact and as stable as Welford's):
-    mean = sum_c n_c mean_c / N,  M2 = sum_c M2_c + sum_c n_c (mean_c - mean)^2. Differentiable."""
+    mean = sum_c n_c mean_c / N,  M2 = sum_c M2_c + sum_c n_c (mean_c - mean)^2."""
     n = torch.tensor(counts, dtype=means[0].dtype, device=means[0].device).unsqueeze(1)
     chunk_means = torch.stack(means)
     total = sum(counts)
@@ -118,11 +118,50 @@ def _chan_combine(means: List[Tensor], m2s: List[Tensor], counts: List[int]) -> 
     return mean, m2, total
 
 
-def _mean_m2(z: Tensor) -> Tuple[Tensor, Tensor]:
-    """Per-channel mean and M2 = sum (z - mean)^2 of z [c, C, H, W] over (c, H, W)."""
-    mean = z.mean(dim=(0, 2, 3))
-    m2 = ((z - mean.view(1, -1, 1, 1)) ** 2).sum(dim=(0, 2, 3))
-    return mean, m2
+class _WholeBatchStats(torch.autograd.Function):
+    """Per-channel (mean, M2 = sum (z - mean)^2) over all chunks of z = fn(pairs[s:e], *params)
+    [c, C, H, W] (a BatchNorm's input), as one Function of the params.
+
+    Forward: each chunk's z without autograd (no graph), its var_mean, Chan's combination.
+    Backward: each chunk's z recomputed with autograd and back-propagated with
+    dz = dmean / N + 2 dM2 (z - mean), the derivatives of the mean and of M2 (the mean's own
+    dependence on z drops out of M2's: sum (z - mean) = 0). Costs one recomputation of z per chunk,
+    as a checkpoint of the chunk's statistics would, without a differentiable (z - mean)^2 pass."""
+
+    @staticmethod
+    def forward(ctx, fn, pairs: Tensor, chunks, suspend: bool, *params):
+        with suspended_value_checks() if suspend else contextlib.nullcontext():
+            means, m2s, counts = [], [], []
+            for s, e in chunks:
+                z = fn(pairs[s:e], *params)
+                var, mean = torch.var_mean(z, dim=(0, 2, 3), correction=0)
+                n = z.shape[0] * z.shape[2] * z.shape[3]
+                means.append(mean)
+                m2s.append(var * n)
+                counts.append(n)
+        mean, m2, total = _chan_combine(means, m2s, counts)
+        ctx.fn, ctx.pairs, ctx.chunks, ctx.suspend, ctx.total = fn, pairs, chunks, suspend, total
+        ctx.save_for_backward(mean, *params)
+        return mean, m2
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dmean, dm2):
+        mean, *params = ctx.saved_tensors
+        need = ctx.needs_input_grad[4:]
+        leaves = [p.detach().requires_grad_() if (p is not None and n) else p for p, n in zip(params, need)]
+        inputs = [t for t, n in zip(leaves, need) if t is not None and n]
+        if inputs:
+            dmean = torch.zeros_like(mean) if dmean is None else dmean
+            dm2 = torch.zeros_like(mean) if dm2 is None else dm2
+            a, c = (2 * dm2).view(1, -1, 1, 1), (dmean / ctx.total - 2 * dm2 * mean).view(1, -1, 1, 1)
+            with suspended_value_checks() if ctx.suspend else contextlib.nullcontext():
+                for s, e in ctx.chunks:
+                    with torch.enable_grad():
+                        z = ctx.fn(ctx.pairs[s:e], *leaves)
+                    torch.autograd.backward(z, torch.addcmul(c, z.detach(), a), inputs=inputs)
+        grads = [t.grad if (t is not None and n) else None for t, n in zip(leaves, need)]
+        return (None, None, None, None, *grads)
 
 
 class UnionFeatureExtractor(nn.Module):
@@ -195,9 +234,11 @@ class UnionFeatureExtractor(nn.Module):
     conv form of reduce_channel (116) + fc6 (51) + fc7 (17). In eval mode the running statistics are
     used and there is no statistics pass.
 
-    BatchNorm (training mode): mean_1, var_1 of BN1's input summed over chunks (each chunk under
-    checkpoint), then mean_2, var_2 of BN2's input given BN1's statistics, then the main chunked pass
-    with those statistics as tensor inputs. Normalisation uses the biased variance, as
+    BatchNorm (training mode): mean_1, var_1 of BN1's input over all chunks, then mean_2, var_2 of
+    BN2's input given BN1's statistics, then the main chunked pass with those statistics as tensor
+    inputs. Each statistics pass is one autograd Function (``_WholeBatchStats``): its forward keeps no
+    graph (a var_mean per chunk, combined exactly); its backward recomputes each chunk once and
+    back-propagates the mean's and M2's derivatives. Normalisation uses the biased variance, as
     ``nn.BatchNorm2d``; running_mean / running_var are updated once per forward with the unbiased
     variance and the BN's momentum (cumulative average if None), num_batches_tracked += 1. Gradients
     flow through the statistics, so forward and backward equal the unchunked computation up to
@@ -421,19 +462,10 @@ class UnionFeatureExtractor(nn.Module):
             out.append(in_y[:, :, None] & in_x[:, None, :])
         return torch.stack(out, dim=1).to(dtype)
 
-    # BN helpers: x normalised with (mean, biased var) as tensors, so gradients reach the statistics.
-    @staticmethod
-    def _bn(x: Tensor, bn: nn.BatchNorm2d, mean: Tensor, var: Tensor) -> Tensor:
-        return _taps.bn(x, mean, var, bn.weight, bn.bias, bn.eps)
-
-    def _z1(self, masks: Tensor) -> Tensor:
-        conv = self.rect_conv[0]
-        return F.relu(F.conv2d(masks, conv.weight, conv.bias, stride=2, padding=3))
-
-    def _z2(self, z1: Tensor, stats1) -> Tensor:
-        conv = self.rect_conv[4]
-        y = F.max_pool2d(self._bn(z1, self.rect_conv[2], *stats1), kernel_size=3, stride=2, padding=1)
-        return F.relu(F.conv2d(y, conv.weight, conv.bias, stride=1, padding=1))
+    def _rect_params(self) -> Tuple[Optional[Tensor], ...]:
+        """(conv1 w, b, bn1 w, b, conv2 w, b, bn2 w, b) of rect_conv."""
+        rc = self.rect_conv
+        return (rc[0].weight, rc[0].bias, rc[2].weight, rc[2].bias, rc[4].weight, rc[4].bias, rc[6].weight, rc[6].bias)
 
     def _pool(self, levels: List[Tensor], boxes: Tensor, box_batch: Tensor, pairs: Tensor,
               pair_levels: Optional[Tensor]) -> Tensor:
@@ -474,16 +506,16 @@ class UnionFeatureExtractor(nn.Module):
             return self.feature_extractor.forward_without_pool(vis), self.spatial_fc(rect.flatten(1))
         return self.feature_extractor.forward_without_pool(vis + rect)
 
-    def _whole_batch_stats(self, bn: nn.BatchNorm2d, chunk_mean_m2, suspend: bool, pairs: Tensor, chunks,
-                           hw: int, *extra) -> Tuple[Tensor, Tensor]:
-        """(mean, biased var) of ``bn``'s input over the whole batch: per-chunk (mean, M2) from
-        ``chunk_mean_m2(chunk pairs, *extra)`` (under checkpoint) combined exactly; the running
-        statistics updated once. Eval mode: the running statistics."""
+    def _whole_batch_stats(self, bn: nn.BatchNorm2d, z_of_chunk, suspend: bool, pairs: Tensor, chunks,
+                           hw: int, *params) -> Tuple[Tensor, Tensor]:
+        """(mean, biased var) of ``bn``'s input z = ``z_of_chunk(chunk pairs, *params)`` [c, C, hw, hw]
+        over the whole batch (:class:`_WholeBatchStats`: no graph in the forward, each chunk recomputed
+        once in the backward); the running statistics updated once. Eval mode: the running statistics."""
         use, update = self._bn_stats(bn)
         if not use:
             return bn.running_mean, bn.running_var
-        parts = [self._run(chunk_mean_m2, suspend, pairs[s:e], *extra) for s, e in chunks]
-        mean, m2, n = _chan_combine([p[0] for p in parts], [p[1] for p in parts], [(e - s) * hw * hw for s, e in chunks])
+        mean, m2 = _WholeBatchStats.apply(z_of_chunk, pairs, chunks, suspend, *params)
+        n = sum(e - s for s, e in chunks) * hw * hw
         if update:
             self._update_running(bn, mean, m2, n)
         return mean, m2 / n
@@ -523,17 +555,21 @@ class UnionFeatureExtractor(nn.Module):
         hw2 = self.resolution
 
         # BN1 statistics over the whole batch of pairs (each chunk recomputed in backward), then BN2's given BN1's
-        stats1 = self._whole_batch_stats(bn1, lambda pr: _mean_m2(self._z1(self._masks(bounds, pr, dtype))),
-                                         suspend, safe_pairs, chunks, hw1)
+        c1w, c1b, g1, b1, c2w, c2b, g2, b2 = self._rect_params()
+        eps1 = bn1.eps
+        stats1 = self._whole_batch_stats(bn1, lambda pr, w, b: _taps.rect_z1(self._masks(bounds, pr, dtype), w, b),
+                                         suspend, safe_pairs, chunks, hw1, c1w, c1b)
         stats2 = self._whole_batch_stats(
-            bn2, lambda pr, m, v: _mean_m2(self._z2(self._z1(self._masks(bounds, pr, dtype)), (m, v))),
-            suspend, safe_pairs, chunks, hw2, *stats1)
+            bn2, lambda pr, w1, bb1, g, b, m, v, w2, bb2: _taps.rect_z2(
+                _taps.rect_z1(self._masks(bounds, pr, dtype), w1, bb1), g, b, m, v, eps1, w2, bb2),
+            suspend, safe_pairs, chunks, hw2, c1w, c1b, g1, b1, *stats1, c2w, c2b)
 
         if self._folded_path(levels):
             return self._union_head(levels, boxes, box_batch, pairs, safe_pairs, bounds, stats1, stats2, suspend)
 
         def chunk(pr, pr_safe, lv, m1, v1, m2, v2, *lvls):
-            rect = self._bn(self._z2(self._z1(self._masks(bounds, pr_safe, dtype)), (m1, v1)), bn2, m2, v2)
+            rect = _taps.rect_features(self._masks(bounds, pr_safe, dtype), self._rect_params(), (m1, v1, m2, v2),
+                                       (bn1.eps, bn2.eps))
             return self._head(self._pool(list(lvls), boxes, box_batch, pr, lv), rect)
 
         outs = [self._run(chunk, suspend, pairs[s:e], safe_pairs[s:e],
@@ -571,7 +607,7 @@ class UnionFeatureExtractor(nn.Module):
                           eps=(rc[2].eps, rc[6].eps), suspend=suspend,
                           grad=torch.is_grad_enabled())
         conv = fe.pooler.reduce_channel[0]
-        rect = (rc[0].weight, rc[0].bias, rc[2].weight, rc[2].bias, rc[4].weight, rc[4].bias, rc[6].weight, rc[6].bias)
+        rect = self._rect_params()
         return _taps.UnionHead.apply(plan, conv.weight, conv.bias, fe.fc6.weight, fe.fc6.bias, fe.fc7.weight,
                                      fe.fc7.bias, *rect, *stats1, *stats2, *levels)
 

@@ -38,7 +38,8 @@ and the output itself). Two things make it cheaper than checkpointing each chunk
    tensors, their gradient, the weight gradients and one chunk's activations.
 
 The BatchNorm statistics of the rect branch are inputs (the module computes them over the whole
-batch of pairs first), so their gradients flow back to the module's statistics passes.
+batch of pairs first, ``_sgb_union._WholeBatchStats``), so their gradients flow back to the module's
+statistics passes.
 """
 from __future__ import annotations
 
@@ -177,15 +178,24 @@ def bn(x: Tensor, mean: Tensor, var: Tensor, weight: Optional[Tensor], bias: Opt
     return torch.addcmul(shift.view(1, -1, 1, 1), x, scale.view(1, -1, 1, 1))
 
 
+def rect_z1(masks: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:
+    """BN1's input in SGB's rect_conv: ReLU(conv 7x7/2, padding 3) of the masks [n, 2, S, S] -> [n, C/2, S', S']."""
+    return F.relu(F.conv2d(masks, w, b, stride=2, padding=3))
+
+
+def rect_z2(z1: Tensor, g1: Optional[Tensor], b1: Optional[Tensor], m1: Tensor, v1: Tensor, eps1: float,
+            w: Tensor, b: Optional[Tensor]) -> Tensor:
+    """BN2's input: ReLU(conv 3x3(MaxPool 3/2(BN1(z1)))) with BN1 on the given (mean, biased var)."""
+    y = F.max_pool2d(bn(z1, m1, v1, g1, b1, eps1), kernel_size=3, stride=2, padding=1)
+    return F.relu(F.conv2d(y, w, b, stride=1, padding=1))
+
+
 def rect_features(masks: Tensor, rect: Sequence[Optional[Tensor]], stats: Sequence[Tensor], eps) -> Tensor:
     """SGB's rect_conv with BatchNorm on given statistics: Conv 7x7/2 -> ReLU -> BN -> MaxPool 3/2 ->
     Conv 3x3 -> ReLU -> BN. rect = (conv1 w, b, bn1 w, b, conv2 w, b, bn2 w, b); stats = (m1, v1, m2, v2)."""
     c1w, c1b, g1, b1, c2w, c2b, g2, b2 = rect
     m1, v1, m2, v2 = stats
-    z = F.relu(F.conv2d(masks, c1w, c1b, stride=2, padding=3))
-    z = F.max_pool2d(bn(z, m1, v1, g1, b1, eps[0]), kernel_size=3, stride=2, padding=1)
-    z = F.relu(F.conv2d(z, c2w, c2b, stride=1, padding=1))
-    return bn(z, m2, v2, g2, b2, eps[1])
+    return bn(rect_z2(rect_z1(masks, c1w, c1b), g1, b1, m1, v1, eps[0], c2w, c2b), m2, v2, g2, b2, eps[1])
 
 
 class _Image:
