@@ -250,6 +250,34 @@ def test_statistics_passes_with_mixed_bn_modes_and_frozen_layers(chunk_size, red
              setup=lambda m: m.rect_conv[0].bias.requires_grad_(False))
 
 
+@pytest.mark.parametrize("train", [True, False])
+def test_float32_matches_float64(train, reduce_route):
+    """float32 on the CPU takes kernels the float64 tests do not (oneDNN convs, among them the 1x1
+    projections of the tap maps, _union_taps._project): output and gradients against the float64
+    module on the same weights and inputs."""
+    features, proposals, rel = _scene(2)
+    m64 = _module().train(train)
+    m64.chunk_size = 3  # P = 10: the chunked paths (one chunk runs the plain layers)
+    m32 = copy.deepcopy(m64).float()
+    f64 = [f.clone().requires_grad_() for f in features]
+    f32 = [f.float().requires_grad_() for f in features]
+    o64, o32 = m64(f64, proposals, rel), m32(f32, proposals, rel)
+    torch.testing.assert_close(o32, o64.float(), rtol=1e-4, atol=1e-4)
+    w = torch.randn(o64.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    (o64 * w).sum().backward()
+    (o32 * w.float()).sum().backward()
+    p32 = dict(m32.named_parameters())
+    for name, p in m64.named_parameters():
+        if p.grad is None:
+            assert p32[name].grad is None or not p32[name].grad.any(), name
+            continue
+        scale = p.grad.abs().max().item()  # float32 sums over pairs and pixels: relative to the largest entry
+        torch.testing.assert_close(p32[name].grad, p.grad.float(), rtol=1e-3, atol=1e-4 * scale,
+                                   msg=lambda m: f"{name}: {m}")
+    for a, b in zip(f32, f64):
+        torch.testing.assert_close(a.grad, b.grad.float(), rtol=1e-3, atol=1e-4 * b.grad.abs().max().item())
+
+
 def test_group_norm_fc_matches():
     m = _module(use_gn=True, gn_groups=4)
     keys = [k for k in m.state_dict() if k.startswith("feature_extractor.fc")]
@@ -414,7 +442,8 @@ def test_tap_route_cost_model():
     in the backward only when the features need gradients too; tiny widths never use them."""
     px = 148 * 200 + 74 * 100 + 37 * 50 + 19 * 25
     assert not _union_taps.use_taps(64, 256, 4, 7, px)
-    assert not _union_taps.use_taps(512, 256, 4, 7, px)
+    assert not _union_taps.use_taps(128, 256, 4, 7, px)
+    assert _union_taps.use_taps(512, 256, 4, 7, px)  # SGDet training samples 1,024 per image
     assert _union_taps.use_taps(2048, 256, 4, 7, px)
     assert _union_taps.use_taps(6320, 256, 4, 7, px)
     assert not _union_taps.use_taps(6320, 256, 4, 7, px, backward=True)

@@ -220,7 +220,7 @@ class UnionFeatureExtractor(nn.Module):
       (9 x 1x1 convs) and the union boxes pooled from those maps, shifted by the tap and summed
       (C++ CPU kernel ``_union_tap_pool``; elsewhere the union RoIAlign op). At SGB's widths this
       costs ~46 GFLOP per image plus 9 pooled passes instead of 231 MFLOP per pair, and pays off in
-      the forward from ~700 pairs per image (SGDet trains on 1,024, tests on 6,320).
+      the forward from ~250 pairs per image (SGDet trains on 1,024, tests on 6,320).
 
     Other configurations (one level, LevelMapper pooling, separate_spatial, GroupNorm fc) run each
     chunk under ``torch.utils.checkpoint`` (non-reentrant), keeping the output [P, D] and the chunk

@@ -27,7 +27,7 @@ and the output itself). Two things make it cheaper than checkpointing each chunk
    chunk go through the conv as SGB does. The backward's conv route pools each chunk once and uses
    it for the recomputed conv and for the conv's weight gradient; a tap backward scatters into the
    maps, ~3x a tap pass, so training on a frozen detector (no feature gradients) keeps the conv in
-   the backward while the forward of more than ~700 pairs per image takes the taps.
+   the backward while the forward of more than ~250 pairs per image takes the taps.
    Pooling of the tap maps: ``sgg_kernels::_union_tap_pool`` (C++ CPU, channels-last) or, on other
    devices, the union RoIAlign op on the maps (``_tap_pool_generic``).
 2. **No forward recomputation of fc6 / fc7 and one buffer per weight gradient.** fc6's output after
@@ -71,13 +71,14 @@ def _(grad, boxes, box_batch, pairs, B, heights, widths, scales, sampling_ratio,
 # The cost model of use_taps, in FLOP equivalents of the conv's GEMM. Calibrated on 2 cores of an AMD
 # EPYC (float32, torch 2.13 CPU) at SGB's widths, 1,024 pairs of one image in chunks of 256, where the
 # conv ran at 432 GFLOP/s (549 ms): the tap route's forward took 835 ms, of which the nine 1x1
-# projections of the levels (46 GFLOP) 313 ms and each tap's pooled pass with its accumulation ~58 ms;
+# projections of the levels (46 GFLOP) 313 ms as torch.mm (MKL sgemm), 109 ms as the oneDNN 1x1 convs of
+# _project (424 GFLOP/s, measured 2026-12-05), and each tap's pooled pass with its accumulation ~58 ms;
 # the conv route's RoIAlign of the L levels 421 ms; one tap's backward (the scatter into the maps) 193 ms.
 # (Single runs on a shared machine vary by ~15%.)
 GATHER_COST = 15.0  # one bilinear read of a C-vector by the tap kernel (and its accumulation), per channel
 ROI_PASS = 7.3      # the union RoIAlign of the L levels (NCHW, one plane per channel), in tap passes
 SCATTER = 3.3       # one tap's backward, in tap passes
-PROJ_COST = 2.9     # per FLOP of the 1x1 projections (thin GEMMs on channels-last slices: 148 GFLOP/s)
+PROJ_COST = 1.0     # per FLOP of the 1x1 projections (oneDNN 1x1 convs, channels-last: 424 GFLOP/s)
 TAPS = [(ky, kx) for ky in range(3) for kx in range(3)]
 
 
@@ -126,7 +127,7 @@ def use_taps(n: int, C: int, L: int, R: int, level_pixels: int, backward: bool =
              level_grad: bool = False) -> bool:
     """Whether n pairs of one image are cheaper through the tap maps than through the conv
     (:func:`route_costs`). At C = 256, L = 4, R = 7 and SGB's 592 x 800 levels the forward breaks even
-    at ~700 pairs per image (SGDet training samples 1,024, testing takes 6,320); the backward (recomputation + weight gradient) keeps the conv, which
+    at ~250 pairs per image (SGDet training samples 1,024, testing takes 6,320); the backward (recomputation + weight gradient) keeps the conv, which
     reuses its pooled chunk for the weight gradient, unless the features need gradients too."""
     conv_cost, taps_cost = route_costs(n, C, L, R, level_pixels, backward, level_grad)
     return taps_cost < conv_cost
@@ -220,6 +221,18 @@ def _tap_weight(W: Tensor, l: int, C: int, ky: int, kx: int) -> Tensor:
     return W[:, l * C:(l + 1) * C, ky, kx]  # [C_out, C_in]
 
 
+def _project(m: Tensor, w: Tensor) -> Tensor:
+    """m [1, H, W, C_in] channels-last (contiguous) times w [C_out, C_in]^T -> [1, H, W, C_out] contiguous.
+
+    On the CPU in float32 / bfloat16 / float16 as a 1x1 conv of the channels-last view (oneDNN): measured
+    on the 2-core AMD EPYC at 148 x 200 x 256 -> 256, 8.2 ms against 25 ms for ``torch.mm`` (MKL's
+    sgemm on that CPU). float64 (no oneDNN kernel) and other devices: ``torch.mm``."""
+    if m.device.type == "cpu" and m.dtype != torch.float64:
+        out = F.conv2d(m.permute(0, 3, 1, 2), w.contiguous()[:, :, None, None])
+        return out.permute(0, 2, 3, 1).contiguous()  # already channels-last: no copy
+    return torch.mm(m.view(-1, m.shape[-1]), w.t()).view(*m.shape[:-1], w.shape[0])
+
+
 def _pool(plan: Plan, img: _Image, pairs: Tensor, leaves: Optional[List[Tensor]] = None) -> Tensor:
     """SGB's pooled union features of these pairs (one image): [n, L C, R, R] (from `leaves`, the
     image's levels as autograd leaves, when given)."""
@@ -240,8 +253,7 @@ def _vis(plan: Plan, img: _Image, idx: Tensor, W: Tensor, b: Tensor, taps: bool)
         return acc.relu_()
     local = torch.zeros_like(plan.box_batch)
     for ky, kx in TAPS:
-        maps = [torch.mm(m.view(-1, C), _tap_weight(W, l, C, ky, kx).t()).view(m.shape)
-                for l, m in enumerate(img.cl)]  # G_{l,t} = W_{l,t} F_l, channels-last
+        maps = [_project(m, _tap_weight(W, l, C, ky, kx)) for l, m in enumerate(img.cl)]  # G_{l,t} = W_{l,t} F_l
         for s in range(0, pairs.shape[0], plan.chunk):
             t = _tap_pool(maps, plan.boxes, local, pairs[s:s + plan.chunk], R, plan.scales, plan.sampling_ratio,
                           ky - 1, kx - 1)
@@ -269,7 +281,7 @@ def _tap_weight_grad(plan: Plan, img: _Image, idx: Tensor, W: Tensor, dvis: Tens
             if dW is not None:
                 dW[:, l * C:(l + 1) * C, ky, kx] += torch.mm(dg.t(), m.view(-1, C))
             if dlevels is not None:  # G = F W^T -> dF = dG W
-                dF = torch.mm(dg, _tap_weight(W, l, C, ky, kx)).view(m.shape)
+                dF = _project(dm, _tap_weight(W, l, C, ky, kx).t())
                 dlevels[l][bimg:bimg + 1] += dF.permute(0, 3, 1, 2)
 
 
