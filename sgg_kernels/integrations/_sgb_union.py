@@ -198,7 +198,7 @@ class UnionFeatureExtractor(nn.Module):
             A batch of at most ``chunk_size`` pairs is one chunk and runs that way too: with nothing
             to free before the backward, it skips the statistics pre-pass and the recomputation.
             At SGDet training scale (4,096 pairs, 256 channels, 4096-d fc6/fc7) the forward+backward
-            peak measured on the CPU at chunk 256 is 746 MB (eager SGB: 3,153 MB), of which ~0.3 GB
+            peak measured on the CPU at chunk 256 is 717 MB (eager SGB: 3,153 MB), of which ~0.3 GB
             is the weight gradients.
 
     Memory and cost. SGB's default configuration (``pooling_all_levels`` with several levels, no
