@@ -555,7 +555,8 @@ class UnionFeatureExtractor(nn.Module):
         hw2 = self.resolution
 
         # BN1 statistics over the whole batch of pairs (each chunk recomputed in backward), then BN2's given BN1's
-        c1w, c1b, g1, b1, c2w, c2b, g2, b2 = self._rect_params()
+        rect = self._rect_params()
+        c1w, c1b, g1, b1, c2w, c2b = rect[:6]
         eps1 = bn1.eps
         stats1 = self._whole_batch_stats(bn1, lambda pr, w, b: _taps.rect_z1(self._masks(bounds, pr, dtype), w, b),
                                          suspend, safe_pairs, chunks, hw1, c1w, c1b)
@@ -568,9 +569,8 @@ class UnionFeatureExtractor(nn.Module):
             return self._union_head(levels, boxes, box_batch, pairs, safe_pairs, bounds, stats1, stats2, suspend)
 
         def chunk(pr, pr_safe, lv, m1, v1, m2, v2, *lvls):
-            rect = _taps.rect_features(self._masks(bounds, pr_safe, dtype), self._rect_params(), (m1, v1, m2, v2),
-                                       (bn1.eps, bn2.eps))
-            return self._head(self._pool(list(lvls), boxes, box_batch, pr, lv), rect)
+            r = _taps.rect_features(self._masks(bounds, pr_safe, dtype), rect, (m1, v1, m2, v2), (bn1.eps, bn2.eps))
+            return self._head(self._pool(list(lvls), boxes, box_batch, pr, lv), r)
 
         outs = [self._run(chunk, suspend, pairs[s:e], safe_pairs[s:e],
                           None if pair_levels is None else pair_levels[s:e], *stats1, *stats2, *levels)
